@@ -6,7 +6,8 @@ Protocol of the paper (Sec. 4 and the authors' code, GMvandeVen/continual-learni
 betas (0.9, 0.999); mini-batches of 128; 2,000 iterations per task; each method in
 Task-IL, Domain-IL and Class-IL; the metric is the average test accuracy over all
 tasks after the last one. Per-scenario strengths of EWC / online EWC and SI are the
-authors' grid-searched values from their repository (param_values.py); LwF uses T = 2.
+authors' grid-searched values from their repository (param_values.py); LwF uses T = 2 and
+their weighting, (1/t) L_new + (1 - 1/t) L_distill (`strategy.weighting=task_ratio`).
 MAS, RWalk, VCL and AGS-CL are not in the paper (their paper column is empty) and run
 with their clbench defaults.
 
@@ -61,7 +62,7 @@ def strategy_overrides(method: str, scenario: str, args) -> list[str]:
     if method == "si":
         return [f"strategy.c={SI_C[scenario]}"]
     if method == "lwf":
-        return ["strategy.temperature=2.0", "strategy.alpha=1.0"]
+        return ["strategy.temperature=2.0", "strategy.alpha=1.0", "strategy.weighting=task_ratio"]
     if method == "vcl":
         return [f"strategy.train_samples={args.vcl_train_samples}", f"strategy.test_samples={args.vcl_test_samples}"]
     return []

@@ -154,7 +154,7 @@ def test_penalty_pulls_towards_the_anchor():
 
 # ----- LwF, VCL, AGS-CL ------------------------------------------------------------------
 def test_lwf_keeps_a_frozen_copy_of_the_old_model():
-    s, _ = train_first_task("lwf", tasks=2)
+    s, stream = train_first_task("lwf", tasks=2)
     assert s.old_model is not s.model and s.tasks_seen == 2
     assert not any(p.requires_grad for p in s.old_model.parameters())
     old = [p.clone() for p in s.old_model.parameters()]
@@ -162,7 +162,44 @@ def test_lwf_keeps_a_frozen_copy_of_the_old_model():
         for p in s.model.parameters():
             p.add_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(old, s.old_model.parameters()))
-    assert [g.tolist() for g in s._old_output_groups()] == [[0, 1], [2, 3]]
+    s.before_task(stream.tasks[2])  # task-IL: one term per old task, on that task's outputs
+    assert [(a.tolist(), b.tolist()) for a, b in s.groups] == [([0, 1], [0, 1]), ([2, 3], [2, 3])]
+
+
+def test_lwf_class_il_distils_over_seen_classes_with_zero_padded_targets():
+    cfg = compose_cfg("strategy=lwf", "scenario=class_il")
+    stream = split_digits(scenario="class_il")
+    s = build(cfg.strategy, "strategy")
+    s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
+    s.before_task(stream.tasks[0])
+    s.after_task(stream.tasks[0])
+    s.before_task(stream.tasks[1])
+    (student, teacher), = s.groups
+    assert student.tolist() == [0, 1, 2, 3] and teacher.tolist() == [0, 1]
+    # the loss equals the cross-entropy against the old model's softened outputs padded with zeros
+    torch.manual_seed(0)
+    logits, old_logits = torch.randn(5, 10), torch.randn(5, 10)
+    target = torch.cat([torch.softmax(old_logits[:, :2] / 2, 1), torch.zeros(5, 2)], 1)
+    expected = -(target * torch.log_softmax(logits[:, :4] / 2, 1)).sum(1).mean() * 4
+    torch.testing.assert_close(s._distillation(logits, old_logits), expected)
+
+
+@pytest.mark.parametrize("dataset", list(STREAMS))
+def test_lwf_gains_over_finetune_in_class_il_and_not_without_distillation(dataset, tmp_path):
+    """The default protocol (SGD, 5 epochs): fine-tuning ends at 1/T, LwF keeps part of the past."""
+    acc = {
+        name: run(tmp_path, *overrides, "scenario=class_il", "checkpoint=false", *STREAMS[dataset], name=name)[
+            "metrics"
+        ]["acc"]
+        for name, overrides in {
+            "finetune": ("strategy=finetune",),
+            "lwf": ("strategy=lwf",),
+            "no_distillation": ("strategy=lwf", "strategy.alpha=0"),
+        }.items()
+    }
+    assert acc["finetune"] < 0.21
+    assert acc["lwf"] > acc["finetune"] + 0.12, acc
+    assert abs(acc["no_distillation"] - acc["finetune"]) < 0.05, acc
 
 
 def test_vcl_posterior_becomes_prior_coreset_and_state_restore():
@@ -230,6 +267,8 @@ def test_runs_in_every_scenario(strategy, scenario, tmp_path):
         ("mas", "MAS", "mas_lambda", -1.0),
         ("rwalk", "RWalk", "alpha", -0.1),
         ("lwf", "LwF", "temperature", 0.0),
+        ("lwf", "LwF", "weighting", "mean"),
+        ("lwf", "LwF", "class_il_targets", "all"),
         ("vcl", "VCL", "train_samples", 0),
         ("ags_cl", "AGSCL", "rho", 2.0),
     ],
