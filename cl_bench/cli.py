@@ -52,8 +52,32 @@ def list_command() -> int:
     return 0
 
 
+def unknown_group_option(args: list[str]) -> str | None:
+    """One line for the commonest mistake, an unknown option of a config group
+    (`strategy=ewcc`), before Hydra composes anything; None when every choice exists.
+    Comma lists of a sweep are checked one by one; other sweep syntax is left to Hydra."""
+    options = None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in GROUPS or "(" in value:
+            continue
+        options = options or {g: [name for name, _ in entries] for g, entries in config_options().items()}
+        for choice in value.split(","):
+            if choice not in options[key] and not (key == "experiment" and choice == "null"):
+                return (
+                    f"unknown {key} {choice!r}; choose one of: {', '.join(options[key])} "
+                    f"(`clbench list` describes them)"
+                )
+    return None
+
+
 def run_command(args: list[str]) -> int:
     from cl_bench.app import run_app
+
+    problem = unknown_group_option(args)
+    if problem:
+        print(f"clbench: error: {problem}", file=sys.stderr)
+        return 2
 
     sys.argv = ["clbench run", *args]
     run_app()

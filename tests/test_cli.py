@@ -78,8 +78,9 @@ def test_list_shows_groups_from_the_config_tree(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("strategy=nope", "Could not find 'strategy/nope'"),
-        ("dataset=nope", "Could not find 'dataset/nope'"),
+        ("strategy=nope", "unknown strategy 'nope'; choose one of: agem,"),
+        ("dataset=nope", "unknown dataset 'nope'; choose one of:"),
+        ("backbone=mlp,nope", "unknown backbone 'nope'"),
         ("seed=abc", "seed"),
         ("train.epochs=0", "train.epochs must be at least 1"),
         ("strategy.lamda=1", "lamda"),
@@ -92,6 +93,8 @@ def test_errors_exit_nonzero_with_one_clear_message(tmp_path, override, message)
     proc = clbench("run", override, "experiment=smoke", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr
+    if "unknown" in message:
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert not (out / "metrics.json").exists() and not (out / "accuracy_matrix.csv").exists()
 
