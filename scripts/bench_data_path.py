@@ -132,7 +132,7 @@ def main() -> None:
     print(f"{summary['dataset']} ({'x'.join(map(str, stream.input_shape))}) / {cfg.backbone._target_.rsplit('.', 1)[-1]} / "
           f"finetune / {summary['scenario']}, device {summary['device']}, {torch.get_num_threads()} threads, "
           f"{steps} steps of {cfg.train.batch_size}, median of {args.repeats} alternating runs, {args.clock} clock")
-    print(f"            bare loop    clbench    ratio")
+    print("            bare loop    clbench    ratio")
     print(f"train      {bt:8.3f} s {ot:8.3f} s   {ot / bt:5.3f}")
     print(f"eval       {be:8.3f} s {oe:8.3f} s   {oe / be:5.3f}")
     print(f"train+eval {bt + be:8.3f} s {ot + oe:8.3f} s   {(ot + oe) / (bt + be):5.3f}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task

@@ -29,7 +29,7 @@ from torch import nn
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
-from cl_bench.models.masked import MaskedNet, bit_bytes, head_params, size_summary
+from cl_bench.models.masked import MaskedNet, bit_bytes, size_summary
 from cl_bench.strategies.base import Strategy
 
 EMBEDDING_CLAMP = 6.0
