@@ -53,6 +53,9 @@ class TrainConfig:
     # A fresh optimizer at each task start (the usual protocol); false keeps its state.
     reset_optimizer: bool = True
     eval_batch_size: int = 2048
+    # class-IL: losses and predictions cover only the classes of the tasks seen so far
+    # (van de Ven & Tolias's "active classes"); false: the whole head from the start (Mammoth).
+    active_classes: bool = False
 
 
 @dataclass

@@ -98,6 +98,8 @@ def evaluate(
             x = stream.transform(data.x[start : start + batch_size].to(strategy.device, non_blocking=True))
             y = data.y[start : start + batch_size].to(strategy.device, non_blocking=True)
             scores = strategy.predict(x, task_id)
+            if strategy.inactive is not None:  # class-IL with train.active_classes
+                scores = scores.masked_fill(strategy.inactive, float("-inf"))
             pred_aware = outputs[scores[:, outputs].argmax(1)]
             pred = pred_aware if stream.task_id_at_test else scores.argmax(1)
             correct += (pred == y).sum()
@@ -226,6 +228,7 @@ class Runner:
     # ----- the loop --------------------------------------------------------------------
     def _train_task(self, task, progress_bar) -> dict:
         strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
+        strategy.begin_task(task)
         strategy.before_task(task)
         data = strategy.training_data(task)
         steps_per_epoch = -(-len(data) // cfg.batch_size)

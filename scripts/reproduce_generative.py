@@ -2,7 +2,8 @@
 
 Runs each strategy on the same stream, seed and protocol and prints ACC, BWT, the
 classifier's and the generator's training time and sizes, and where the sample grids
-were saved. Use a GPU for the default generator settings:
+were saved. `mergan_jtr` is MeRGAN with strategy.variant=jtr (joint training with
+replay) beside `mergan` (replay alignment). Use a GPU for the default generator settings:
 
     python scripts/reproduce_generative.py --dataset split_digits --device cuda
     python scripts/reproduce_generative.py --dataset split_mnist5k --device cuda \
@@ -21,7 +22,10 @@ from hydra import compose, initialize_config_module
 import cl_bench.config  # noqa: F401
 from cl_bench.runner import Runner
 
-DEFAULT = ["finetune", "er", "joint", "dgr", "mergan", "dgm_w", "dgm_a"]
+DEFAULT = ["finetune", "er", "joint", "dgr", "mergan", "mergan_jtr", "dgm_w", "dgm_a"]
+GENERATIVE = ("dgr", "mergan", "dgm_w", "dgm_a")
+# names that are a strategy config plus overrides
+VARIANTS = {"mergan_jtr": ("mergan", ["strategy.variant=jtr"])}
 
 
 def main() -> None:
@@ -37,13 +41,14 @@ def main() -> None:
     conf = Path(__file__).resolve().parents[1] / "conf" / "strategy"
     rows = []
     for name in args.strategies:
-        if not (conf / f"{name}.yaml").exists():
-            print(f"skipping {name}: no conf/strategy/{name}.yaml", file=sys.stderr)
+        strategy, variant = VARIANTS.get(name, (name, []))
+        if not (conf / f"{strategy}.yaml").exists():
+            print(f"skipping {name}: no conf/strategy/{strategy}.yaml", file=sys.stderr)
             continue
-        extra = args.set if name in ("dgr", "mergan", "dgm_w", "dgm_a") else []
+        extra = args.set if strategy in GENERATIVE else []
         overrides = [
-            f"dataset={args.dataset}", f"strategy={name}", "scenario=class_il", f"device.name={args.device}",
-            f"seed={args.seed}", "progress=false", "checkpoint=false", *args.protocol, *extra,
+            f"dataset={args.dataset}", f"strategy={strategy}", "scenario=class_il", f"device.name={args.device}",
+            f"seed={args.seed}", "progress=false", "checkpoint=false", *args.protocol, *extra, *variant,
         ]
         with initialize_config_module("cl_bench.conf", version_base="1.3"):
             cfg = compose("config", overrides=overrides)

@@ -70,6 +70,7 @@ def train_first_task(name: str, *overrides: str, steps: int = 30, tasks: int = 1
     strategy.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for task in stream.tasks[:tasks]:
+        strategy.begin_task(task)
         strategy.before_task(task)
         strategy.set_training(True)
         data = strategy.training_data(task)
@@ -150,6 +151,33 @@ def test_penalty_pulls_towards_the_anchor():
     penalty = s._add_penalty_gradient()
     assert penalty > 0
     assert all((p.grad >= 0).all() for p in s.params)  # gradient points back towards theta*
+
+
+def test_active_classes_keep_unseen_outputs_out_of_the_loss_and_the_fisher():
+    """train.active_classes (class-IL): during task 0 the outputs of later classes get no
+    gradient and no Fisher; without it they do (the whole head is trained from the start)."""
+    for active in (True, False):
+        torch.manual_seed(0)
+        cfg = compose_cfg("strategy=ewc", "scenario=class_il", f"train.active_classes={active}")
+        stream = split_digits(scenario="class_il")
+        s = build(cfg.strategy, "strategy")
+        s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
+        task = stream.tasks[0]
+        s.begin_task(task)
+        s.before_task(task)
+        head = [m for m in s.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        start = head.weight.detach().clone()
+        for _ in range(20):
+            s.train_step(Batch(stream.transform(task.train.x[:64]), task.train.y[:64], task.train.x[:64], task))
+        s.after_task(task)
+        fisher_head = s.terms[0][1][s.names.index(next(n for n, p in s.model.named_parameters() if p is head.weight))]
+        unseen = [c for c in range(stream.num_outputs) if c not in task.outputs]
+        moved = (head.weight.detach() - start)[unseen].abs().max()
+        if active:
+            assert moved == 0 and fisher_head[unseen].abs().max() == 0
+            assert fisher_head[task.outputs].abs().max() > 0
+        else:
+            assert moved > 0 and fisher_head[unseen].abs().max() > 0
 
 
 # ----- LwF, VCL, AGS-CL ------------------------------------------------------------------

@@ -136,3 +136,28 @@ def test_optimizer_state_survives_resume_when_not_reset(tmp_path, monkeypatch):
     overrides = ("train.reset_optimizer=false", "train.momentum=0.9", "train.epochs=1")
     reference, resumed = run_killed_and_resumed(tmp_path, monkeypatch, overrides, kill_at_task=2)
     assert np.array_equal(np.asarray(resumed["accuracy_matrix"]), np.asarray(reference["accuracy_matrix"]))
+
+
+def test_active_classes_predict_only_among_the_classes_seen_so_far():
+    """With train.active_classes the evaluation masks the classes of later tasks: outputs
+    rigged to win everywhere are never predicted; without it they take every sample."""
+    import torch
+
+    from cl_bench.config import build
+    from cl_bench.data.digits import split_digits
+    from cl_bench.models.mlp import MLP
+    from cl_bench.runner import evaluate
+
+    for active in (True, False):
+        cfg = compose_cfg("strategy=finetune", f"train.active_classes={active}")
+        stream = split_digits(scenario="class_il")
+        s = build(cfg.strategy, "strategy")
+        s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
+        s.begin_task(stream.tasks[1])
+        with torch.no_grad():
+            s.model.head.bias[4:] += 1e4  # classes of tasks 2-4 win every sample unless masked
+        acc, _ = evaluate(s, stream, 512)
+        if active:  # predictions among classes 0-3 only
+            assert (acc[2:] == 0).all() and acc[:2].min() > 0
+        else:
+            assert (acc[:2] == 0).all() and acc[2:].sum() > 0

@@ -58,6 +58,15 @@ class Strategy:
         self.device = device
         self.optimizer = None
         self._label_masks = self._build_label_masks(stream).to(device)
+        self.inactive: Optional[torch.Tensor] = None  # outputs of classes not yet seen (active_classes)
+
+    def begin_task(self, task: Task) -> None:
+        """Called by the runner before `before_task`: with `train.active_classes` in class-IL,
+        the outputs of tasks after `task` are masked out of every loss and prediction."""
+        if self.stream.scenario == "class_il" and getattr(self.train_cfg, "active_classes", False):
+            seen = [o for t in self.stream.tasks[: task.id + 1] for o in t.outputs]
+            self.inactive = torch.ones(self.stream.num_outputs, dtype=torch.bool, device=self.device)
+            self.inactive[seen] = False
 
     # ----- hooks -------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
@@ -118,10 +127,11 @@ class Strategy:
         """In task-IL, mask each sample's logits to the outputs of its own task.
 
         This is the shared-head equivalent of a head per task: the loss and the
-        prediction only compete among the task's classes. Other scenarios: unchanged.
+        prediction only compete among the task's classes. Class-IL with
+        `train.active_classes`: the classes not yet seen are masked. Else unchanged.
         """
         if self.stream.scenario != "task_il":
-            return logits
+            return logits if self.inactive is None else logits.masked_fill(self.inactive, float("-inf"))
         return logits.masked_fill(~self._label_masks[y], float("-inf"))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
