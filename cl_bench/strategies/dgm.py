@@ -18,6 +18,7 @@ the discriminator through the stream's normalisation. Losses of task t:
     L_D = E[D(G(z, c, M_t))] - E[D(x)] + lambda_GP * GP
           + aux * (CE(D_cls(x), y) + t * CE(D_cls(x'), y'))          x' = replay of past tasks
     L_G = -E[D(G(z, c, M_t))] + aux * CE(D_cls(G(z, c, M_t)), c) + lambda_RU * R(M_t)
+CE is over the classes seen so far when `train.active_classes` is set (`Strategy.loss`).
 The discriminator is also trained to classify replayed samples of the past classes
 (generated through the past tasks' binary masks), first during the runner's epochs
 (classification only, see `generative_replay`) and then jointly with the GAN.
@@ -33,7 +34,6 @@ discriminator is the classifier (`classifier_parameters`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cl_bench import CLBenchError
@@ -124,7 +124,7 @@ class DGM(GenerativeReplay):
         def classify_replay() -> torch.Tensor:
             with torch.no_grad():
                 x, y = self.replay(n_replay, task)
-            return self.aux_weight * task.id * F.cross_entropy(self.discriminate(x)[1], y)
+            return self.aux_weight * task.id * self.loss(self.discriminate(x)[1], y)
 
         for i in range(iterations):
             gen.s = 1 / self.s_max + (self.s_max - 1 / self.s_max) * i / max(1, iterations - 1)
@@ -138,6 +138,7 @@ class DGM(GenerativeReplay):
                 d_extra=classify_replay if n_replay else None,
                 g_extra=lambda: self.sparsity_weight * gen.sparsity_loss(),
                 before_g_step=lambda: gen.restrict_gradients(self.s_max),
+                aux_loss=self.loss,
             )
             gen.clamp_embeddings()
 

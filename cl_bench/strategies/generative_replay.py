@@ -127,12 +127,14 @@ class GenerativeReplay(Strategy):
         return 0 if task.id == 0 else int(round(self.replay_ratio * n))
 
     def mixed_loss(self, logits: torch.Tensor, y: torch.Tensor, logits_replay, y_replay, task: Task) -> torch.Tensor:
-        """r * CE(current) + (1 - r) * CE(replay), r = 1/(t+1) (Shin et al. 2017, Sec. 3.2)."""
-        loss = F.cross_entropy(logits, y)
+        """r * CE(current) + (1 - r) * CE(replay), r = 1/(t+1) (Shin et al. 2017, Sec. 3.2).
+        `self.loss` is plain cross-entropy here (class-IL) unless `train.active_classes`
+        masks the classes not seen yet."""
+        loss = self.loss(logits, y)
         if logits_replay is None:
             return loss
         r = 1.0 / (task.id + 1)
-        return r * loss + (1 - r) * F.cross_entropy(logits_replay, y_replay)
+        return r * loss + (1 - r) * self.loss(logits_replay, y_replay)
 
     def train_step(self, batch: Batch) -> dict:
         n_replay = self.replay_size(len(batch.y), batch.task)
@@ -199,12 +201,14 @@ class GenerativeReplay(Strategy):
         d_extra: Optional[Callable[[], torch.Tensor]] = None,
         g_extra: Optional[Callable[[], torch.Tensor]] = None,
         before_g_step: Optional[Callable[[], None]] = None,
+        aux_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ) -> dict:
         """One generator iteration of (AC-)WGAN-GP: `critic_iterations` critic updates, then
         one generator update. Losses (Gulrajani et al. 2017, Alg. 1; Odena et al. 2017):
             L_D = E[D(G(z, c))] - E[D(x)] + lambda_GP * GP + aux * CE(D_cls(x), y) (+ d_extra)
             L_G = -E[D(G(z, c))] + aux * CE(D_cls(G(z, c)), c) (+ g_extra)
-        Fake labels c are the real batch's labels, so both share one class distribution."""
+        Fake labels c are the real batch's labels, so both share one class distribution.
+        `aux_loss` is the CE of the class head (DGM: the run's head, via `self.loss`)."""
         for _ in range(self.critic_iterations):
             x, y = real_fn()
             with torch.no_grad():
@@ -215,7 +219,7 @@ class GenerativeReplay(Strategy):
             if self.gp_weight:
                 d_loss = d_loss + self.gp_weight * gradient_penalty(lambda v: discriminate(v)[0], x, fake)
             if aux_weight and logits_real is not None:
-                d_loss = d_loss + aux_weight * F.cross_entropy(logits_real, y)
+                d_loss = d_loss + aux_weight * aux_loss(logits_real, y)
             if d_extra is not None:
                 d_loss = d_loss + d_extra()
             d_opt.zero_grad(set_to_none=True)
@@ -225,7 +229,7 @@ class GenerativeReplay(Strategy):
         score_fake, logits_fake = discriminate(fake)
         g_loss = -score_fake.mean()
         if aux_weight and logits_fake is not None:
-            g_loss = g_loss + aux_weight * F.cross_entropy(logits_fake, y)
+            g_loss = g_loss + aux_weight * aux_loss(logits_fake, y)
         if g_extra is not None:
             g_loss = g_loss + g_extra()
         g_opt.zero_grad(set_to_none=True)
