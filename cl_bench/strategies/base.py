@@ -63,7 +63,7 @@ class Strategy:
     def begin_task(self, task: Task) -> None:
         """Called by the runner before `before_task`: with `train.active_classes` in class-IL,
         the outputs of tasks after `task` are masked out of every loss and prediction."""
-        if self.stream.scenario == "class_il" and getattr(self.train_cfg, "active_classes", False):
+        if self.stream.scenario == "class_il" and self.train_cfg.active_classes:
             seen = [o for t in self.stream.tasks[: task.id + 1] for o in t.outputs]
             self.inactive = torch.ones(self.stream.num_outputs, dtype=torch.bool, device=self.device)
             self.inactive[seen] = False

@@ -25,13 +25,16 @@ def kd_loss(
     """Mean over the batch of T^2 * CE(softmax(teacher / T), softmax(student / T)).
 
     `outputs` restricts both distributions to a subset of the output units (e.g. the
-    old classes, or one old task's head in task-IL).
+    old classes, or one old task's head in task-IL). A teacher with fewer columns than
+    the student covers the student's leading columns and puts zero mass on the rest
+    (van de Ven & Tolias's class-IL LwF: old classes first, then the new ones).
     """
     if outputs is not None:
         student_logits = student_logits[:, outputs]
         teacher_logits = teacher_logits[:, outputs]
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     p_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    log_p_student = log_p_student[:, : p_teacher.shape[1]]
     return -(p_teacher * log_p_student).sum(dim=1).mean() * temperature**2
 
 
