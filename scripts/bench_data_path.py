@@ -40,10 +40,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CLOCK = time.process_time
-
-
-def bare_loop(cfg, stream, device: torch.device) -> tuple[float, float]:
+def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tuple[float, float]:
     """(train seconds, eval seconds) of a plain PyTorch script doing the runner's steps."""
     seed_everything(cfg.seed)
     model = build(cfg.backbone, "backbone", input_shape=stream.input_shape, num_outputs=stream.num_outputs).to(device)
@@ -56,7 +53,7 @@ def bare_loop(cfg, stream, device: torch.device) -> tuple[float, float]:
     train_s = eval_s = 0.0
     for task in stream.tasks:
         _sync(device)
-        t0 = CLOCK()
+        t0 = clock()
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         x_all, y_all = task.train.x, task.train.y
         model.train()
@@ -72,7 +69,7 @@ def bare_loop(cfg, stream, device: torch.device) -> tuple[float, float]:
                 loss.backward()
                 opt.step()
         _sync(device)
-        t1 = CLOCK()
+        t1 = clock()
         model.eval()
         with torch.inference_mode():
             for other in stream.tasks:
@@ -81,36 +78,35 @@ def bare_loop(cfg, stream, device: torch.device) -> tuple[float, float]:
                     x = (other.test.x[i : i + ebs].float() / 255 - mean) / std
                     correct += (model(x).argmax(1) == other.test.y[i : i + ebs]).sum()
                 (correct / len(other.test)).item()
-        eval_s += CLOCK() - t1
+        eval_s += clock() - t1
         train_s += t1 - t0
     return train_s, eval_s
 
 
-def runner_loop(cfg, folder: Path) -> tuple[float, float]:
+def runner_loop(cfg, folder: Path, clock=time.process_time) -> tuple[float, float]:
     """(train seconds, eval seconds) of the runner's own per-task train and evaluation calls."""
     runner = Runner(cfg, folder)
     runner.build()
     train_s = eval_s = 0.0
     for task in runner.stream.tasks:
         runner._sync()
-        t0 = CLOCK()
+        t0 = clock()
         runner._train_task(task, None)
         runner._sync()
-        t1 = CLOCK()
+        t1 = clock()
         evaluate(runner.strategy, runner.stream, cfg.train.eval_batch_size)
-        eval_s += CLOCK() - t1
+        eval_s += clock() - t1
         train_s += t1 - t0
     return train_s, eval_s
 
 
 def main() -> None:
-    global CLOCK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=split_mnist5k train.epochs=2")
     args = parser.parse_args()
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
         cfg = compose("config", overrides=["progress=false", "strategy=finetune", "checkpoint=false", *args.overrides])
     if cfg.train.optimizer.value != "sgd" or cfg.train.momentum or cfg.train.weight_decay:
@@ -119,13 +115,13 @@ def main() -> None:
     if cfg.device.num_threads > 0:
         torch.set_num_threads(cfg.device.num_threads)
     stream = build(cfg.dataset, "dataset", scenario=cfg.scenario.value, seed=cfg.seed).to(device)
-    bare_loop(cfg, stream, device)  # warm-up: allocator, lazy imports, kernels
+    bare_loop(cfg, stream, device, clock)  # warm-up: allocator, lazy imports, kernels
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         summary = Runner(cfg, Path(tmp) / "full").run()  # warm-up, and a full run for the facts printed below
         for r in range(args.repeats):
-            bare.append(bare_loop(cfg, stream, device))
-            ours.append(runner_loop(cfg, Path(tmp) / f"run{r}"))
+            bare.append(bare_loop(cfg, stream, device, clock))
+            ours.append(runner_loop(cfg, Path(tmp) / f"run{r}", clock))
     steps = sum(t["steps"] for t in summary["train_log"])
     med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
     bt, be, ot, oe = med(bare, 0), med(bare, 1), med(ours, 0), med(ours, 1)

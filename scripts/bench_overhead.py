@@ -17,46 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_data_path  # the bare loop, shared with the data-path benchmark (same folder)
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401
 from cl_bench.config import build
-from cl_bench.runner import Runner, resolve_device, seed_everything
+from cl_bench.runner import Runner, resolve_device
 
 
 def bare_loop(cfg, device: torch.device) -> float:
-    """The same training and evaluation written as a plain PyTorch script."""
-    seed_everything(cfg.seed)
+    """The same training and evaluation written as a plain PyTorch script (the data-path
+    benchmark's loop), in wall-clock seconds."""
     stream = build(cfg.dataset, "dataset", scenario=cfg.scenario.value, seed=cfg.seed).to(device)
-    model = build(cfg.backbone, "backbone", input_shape=stream.input_shape, num_outputs=stream.num_outputs)
-    model = model.to(device)
-    mean, std = stream.transform.mean.to(device), stream.transform.std.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bs, epochs, lr = cfg.train.batch_size, cfg.train.epochs, cfg.train.lr
-    t0 = time.perf_counter()
-    for task in stream.tasks:
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        x_all, y_all = task.train.x, task.train.y
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(y_all), generator=gen).to(device)
-            for i in range(0, len(y_all), bs):
-                idx = perm[i : i + bs]
-                x = (x_all[idx].float() / 255 - mean) / std
-                loss = F.cross_entropy(model(x), y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        model.eval()
-        with torch.inference_mode():
-            for other in stream.tasks:
-                x = (other.test.x.float() / 255 - mean) / std
-                (model(x).argmax(1) == other.test.y).float().mean().item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return sum(bench_data_path.bare_loop(cfg, stream, device, time.perf_counter))
 
 
 def clbench_run(cfg, folder: Path) -> tuple[float, float, dict]:
