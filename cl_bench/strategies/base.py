@@ -9,6 +9,7 @@ strategy decides what one training step does and what happens around each task:
     train_step(batch) -> dict of scalars      one optimisation step
     after_task(task)                          consolidation (Fisher, exemplars, pruning, ...)
     summary() -> dict                         facts to report per task (memory, growth, ...)
+    warn(message)                             a warning the runner logs once and writes to metrics.json
     artifacts(task) -> {name: images}         image grids the runner saves as PNG (e.g. samples)
     predict(x, task_id=None) -> scores        scores over the head's outputs
     state_dict() / load_state_dict(state)     everything beyond the model needed to resume
@@ -59,6 +60,14 @@ class Strategy:
         self.optimizer = None
         self._label_masks = self._build_label_masks(stream).to(device)
         self.inactive: Optional[torch.Tensor] = None  # outputs of classes not yet seen (active_classes)
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the user: the runner prints each one once, in the log, and
+        writes all of them to `metrics.json` ("warnings"). Strategies never print."""
+        warnings = self.__dict__.setdefault("warnings", [])
+        if message not in warnings:
+            warnings.append(message)
 
     def begin_task(self, task: Task) -> None:
         """Called by the runner before `before_task`: with `train.active_classes` in class-IL,
