@@ -117,6 +117,22 @@ def _tasks_done(path: Path) -> Optional[int]:
         return None
 
 
+def _untrustworthy(summary: dict) -> Optional[str]:
+    """Why a metrics.json must not be averaged (not completed, or a non-finite accuracy), or None.
+
+    The runner never writes such a file; this guards against files from older versions
+    or edited by hand."""
+    if summary.get("status") != "completed":
+        return f"metrics.json status is {summary.get('status')!r}, not 'completed'"
+    try:
+        R = np.asarray(summary["accuracy_matrix"], dtype=float)
+    except Exception:
+        return "metrics.json has no readable accuracy_matrix"
+    if R.size == 0 or not np.isfinite(R).all():
+        return "metrics.json holds a non-finite accuracy matrix (a diverged run)"
+    return None
+
+
 def read_run(path: Path) -> Optional[RunRecord]:
     """The record of one run folder, or None when the folder is not a run."""
     path = Path(path)
@@ -127,9 +143,12 @@ def read_run(path: Path) -> Optional[RunRecord]:
     if metrics.exists():
         try:
             summary = json.loads(metrics.read_text(encoding="utf-8"))
-            return RunRecord(path, "completed", summary, _run_keys(summary), overrides)
         except Exception as exc:
             return RunRecord(path, "failed", overrides=overrides, reason=f"unreadable metrics.json ({exc})")
+        problem = _untrustworthy(summary)
+        if problem:
+            return RunRecord(path, "failed", overrides=overrides, reason=problem)
+        return RunRecord(path, "completed", summary, _run_keys(summary), overrides)
     if failed.exists():
         try:
             info = json.loads(failed.read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import random
 import time
@@ -54,6 +55,24 @@ def resolve_device(name: str) -> torch.device:
             )
         return device
     raise CLBenchError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+
+
+class DivergenceError(CLBenchError):
+    """Training produced a non-finite loss or non-finite weights: no correct number can come out."""
+
+
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of `module`'s floating-point parameters and buffers holding NaN or inf.
+
+    One host sync for the whole module (a stacked flag), so it is cheap once per epoch.
+    """
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(flags.all()):
+        return []
+    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
 
 
 def seed_everything(seed: int) -> None:
@@ -163,8 +182,16 @@ class Runner:
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if t[key] < 1:
                 raise CLBenchError(f"train.{key} must be at least 1, got {t[key]}")
-        if t.lr <= 0:
-            raise CLBenchError(f"train.lr must be positive, got {t.lr}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise CLBenchError(f"train.lr must be a positive finite number, got {t.lr}")
+        if not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
+            raise CLBenchError(f"train.momentum must be in [0, 1), got {t.momentum}")
+        if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+            raise CLBenchError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+        if math.isnan(t.max_loss) or t.max_loss < 0:
+            raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
+        if not 0 <= self.cfg.seed < 2**32:
+            raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {self.cfg.seed}")
 
     # ----- checkpoints -----------------------------------------------------------------
     def _rng_state(self) -> dict:
@@ -225,6 +252,26 @@ class Runner:
         self._set_rng_state(ckpt["rng"])
         return ckpt["progress"]
 
+    # ----- divergence guard ---------------------------------------------------------------
+    def _diverged(self, task, where: str, loss: Optional[float] = None) -> None:
+        """Fail the run when the loss (summed on the device over the epoch, so one NaN or
+        inf step makes it non-finite) or any weight/buffer of the model is not finite."""
+        t = self.cfg.train
+        bad = nonfinite_tensors(self.strategy.model)
+        loss_bad = loss is not None and not (math.isfinite(loss) and (t.max_loss <= 0 or loss <= t.max_loss))
+        if not (loss_bad or bad):
+            return
+        if loss_bad:
+            what = f"the training loss is {loss:.4g}" + (f" (above train.max_loss={t.max_loss:g})" if math.isfinite(loss) else "")
+        else:
+            what = f"{len(bad)} weight tensor(s) are not finite (e.g. {bad[0]})"
+        causes = getattr(self.strategy, "warnings", [])
+        cause = causes[-1] if causes else (
+            f"train.lr={t.lr} is too large for train.optimizer={getattr(t.optimizer, 'value', t.optimizer)}, "
+            "or the strategy's penalty strength is too large for it; lower either"
+        )
+        raise DivergenceError(f"training diverged in task {task.id}, {where}: {what}; likely cause: {cause}")
+
     # ----- the loop --------------------------------------------------------------------
     def _train_task(self, task, progress_bar) -> dict:
         strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
@@ -246,9 +293,12 @@ class Runner:
                 epoch_loss += out["loss"]
                 steps += 1
             loss_sum += epoch_loss
+            epoch_mean = (epoch_loss / steps_per_epoch).item()  # the one host sync of the epoch
+            self._diverged(task, f"epoch {epoch}", epoch_mean)
             if bar is not None:
-                progress_bar.update(bar, advance=steps_per_epoch, loss=(epoch_loss / steps_per_epoch).item())
+                progress_bar.update(bar, advance=steps_per_epoch, loss=epoch_mean)
         strategy.after_task(task)
+        self._diverged(task, "after the task (the strategy's consolidation)")
         return {
             "mean_loss": (loss_sum / max(steps, 1)).item(),
             "steps": steps,
@@ -273,6 +323,7 @@ class Runner:
                 "train_s": [],
                 "eval_s": [],
                 "train_log": [],
+                "warnings": [],
             }
         elif progress["tasks_done"] > 0:
             self.console.print(f"resuming from {self.output_dir / CHECKPOINT}: {progress['tasks_done']}/{T} tasks done")
@@ -292,6 +343,7 @@ class Runner:
                 progress["eval_s"].append(t2 - t1)
                 progress["train_log"].append(log)
                 progress["tasks_done"] = task.id + 1
+                self._log_warnings(progress)
                 self._save_artifacts(task)
                 if self.cfg.checkpoint:
                     self._save_checkpoint(progress)
@@ -301,6 +353,14 @@ class Runner:
         R_aware = progress["R_aware"] if self.stream.scenario == "class_il" else None
         write_results(self.output_dir, summary, R, R_aware)
         return summary
+
+    def _log_warnings(self, progress: dict) -> None:
+        """Print each new strategy warning once and keep it (checkpointed) for metrics.json."""
+        seen = progress.setdefault("warnings", [])
+        for message in getattr(self.strategy, "warnings", []):
+            if message not in seen:
+                seen.append(message)
+                self.console.print(f"clbench: warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     def _save_artifacts(self, task) -> None:
         images = self.strategy.artifacts(task)
@@ -361,6 +421,7 @@ class Runner:
                 "total_s": wall_s,
             },
             "train_log": progress["train_log"],
+            "warnings": list(progress.get("warnings", [])),
             "versions": {
                 "clbench": cl_bench.__version__,
                 "torch": torch.__version__,
