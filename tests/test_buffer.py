@@ -64,6 +64,28 @@ def test_task_balanced_memory_is_balanced_over_tasks_and_within_each_task():
             assert per_class.max() - per_class.min() <= 1
 
 
+@pytest.mark.parametrize("balance", ["class", "task"])
+@pytest.mark.parametrize("selection", ["random", "herding"])
+@pytest.mark.parametrize("capacity", [1, 7, 23, 50])
+def test_balanced_memory_stays_within_budget_with_uneven_and_growing_classes(balance, selection, capacity):
+    """Tasks of 3, 1, 4, 2 and 5 classes (the class count grows unevenly, no capacity here
+    divides it), some classes with fewer samples than their quota: after every update the
+    memory holds at most `capacity` samples, every group at most floor(capacity / groups)."""
+    buf, g = MemoryBuffer(capacity, balance, selection), torch.Generator().manual_seed(0)
+    features = lambda raw: raw.flatten(1).float()  # noqa: E731
+    first = 0
+    for t, n_classes in enumerate([3, 1, 4, 2, 5]):
+        classes = list(range(first, first + n_classes))
+        first += n_classes
+        x, y = fake_task(classes, per_class=3 if t == 2 else 20, seed=t)
+        buf.update(x, y, t, g, features=features)
+        assert len(buf) <= capacity and buf.nbytes <= capacity * (16 + 3 * 8)
+        groups = first if balance == "class" else t + 1
+        stored = buf.y[: len(buf)] if balance == "class" else buf.task[: len(buf)]
+        assert len(buf) == 0 or torch.bincount(stored).max().item() <= capacity // groups
+        assert buf.summary()["exemplars"] == len(buf) <= capacity
+
+
 def test_herding_mean_is_closer_to_the_class_mean_than_random_picks():
     train, _ = load_digits_arrays()
     feats = torch.nn.functional.normalize(train.x[train.y == 3].flatten(1).double(), dim=1)

@@ -12,6 +12,12 @@ filled at each task's end as in the authors' code; the reference batch has
 `sample_size` samples (256 in the paper's experiments), fewer while the memory holds
 fewer. The projection is applied branch-free, so it costs no device synchronisation;
 `summary()` reports how many steps were projected.
+
+The reference gradient is computed in training mode, as in the authors' code (the
+reference-gradient pass is fed `train_phase: True`), so batch norm uses the memory
+batch's statistics. The run's optimizer steps with the projected gradient (momentum and
+weight decay on top; the paper uses plain SGD). `memory_size=0` turns the memory off and
+gives `finetune`'s steps exactly.
 """
 
 from __future__ import annotations

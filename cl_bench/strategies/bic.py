@@ -5,7 +5,8 @@
   L_c the cross-entropy over all classes seen so far, L_d the soft-target distillation
   with T = 2 (Eq. 1-2) between the previous model (bias-corrected, frozen at task
   start) and the current one on the old classes' logits, lambda = n / (n + m) for n old
-  and m new classes. Eq. 2 has no T^2 factor, so the shared `kd_loss` is divided by T^2.
+  and m new classes. Eq. 2 has no T^2 factor, so the shared `kd_loss` runs with
+  `t_squared=False`.
 - Stage 2 (Sec. 4.2, Eq. 5): with the network frozen, fit a two-parameter linear layer
   q_k = alpha o_k + beta on the new classes' logits (old classes untouched) by
   minimising the cross-entropy over all seen classes on the validation set, full batch.
@@ -15,6 +16,16 @@
   in herding order (the paper's 9:1 exemplar split); per new class, as many randomly
   chosen samples, held out of stage 1. The memory is then updated with herding on all
   of the task's samples (the authors select exemplars by herding as in iCaRL).
+
+Classification: the bias-corrected softmax over the classes seen so far (the authors'
+head grows by the new classes each step); the head here is allocated in full, so
+`predict` gives the outputs of classes not trained yet -inf, and the lower triangle of
+the accuracy matrix does not depend on `train.active_classes`.
+
+The teacher and the network during the bias fit run in eval mode (batch-norm running
+statistics untouched); (alpha, beta) are plain tensors outside the optimizer, so stage 1
+(with any optimizer, weight decay included) never changes them, and stage 2 changes only
+the current task's pair.
 
 class_il only. The first task has no old classes: plain cross-entropy, no correction.
 """
@@ -73,8 +84,7 @@ class BiC(ReplayStrategy):
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
-        self._seen = torch.zeros(self.stream.num_outputs, dtype=torch.bool, device=self.device)
-        self._seen[self.seen_outputs(task)] = True
+        self._seen = self.mark_seen(task)
         self._old = self.seen_outputs(task, include_current=False)
         self.teacher, self._train, self._val = None, task.train, None
         if task.id == 0:
@@ -105,7 +115,7 @@ class BiC(ReplayStrategy):
         if self.teacher is not None:
             with torch.no_grad():
                 old_logits = self.corrected(self.teacher(batch.x), *self._teacher_bias)
-            distill = kd_loss(logits, old_logits, self.temperature, self._old) / self.temperature**2
+            distill = kd_loss(logits, old_logits, self.temperature, self._old, t_squared=False)
             lam = len(self._old) / int(self._seen.sum())
             loss = lam * distill + (1 - lam) * loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +147,7 @@ class BiC(ReplayStrategy):
         self.alpha[task.id], self.beta[task.id] = params.detach()
 
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
-        return self.corrected(self.model(x))
+        return self.over_seen(self.corrected(self.model(x)))
 
     def summary(self) -> dict:
         return {**super().summary(), "alpha": self.alpha.tolist(), "beta": self.beta.tolist()}

@@ -225,15 +225,37 @@ class ReplayStrategy(Strategy):
         if need_memory and memory_size < 1:
             raise CLBenchError(f"strategy.memory_size must be positive for {type(self).__name__}, got {memory_size}")
         self.memory = MemoryBuffer(memory_size, balance, selection)
+        self.need_memory = need_memory
 
     def setup(self, model, stream, train_cfg, device) -> None:
         super().setup(model, stream, train_cfg, device)
-        # Seeded from the run's torch RNG (seeded by the runner), drawn after the model's init.
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+        if self.need_memory and self.memory.balance == "class" and self.memory.capacity < stream.num_outputs:
+            raise CLBenchError(
+                f"strategy.memory_size={self.memory.capacity} is less than one exemplar per class for the "
+                f"{stream.num_outputs} classes of this stream ({type(self).__name__} splits the memory evenly "
+                f"over the classes seen, m = floor(memory_size / classes)); use at least {stream.num_outputs}"
+            )
+        # Seeded from the run's seed without drawing from the global torch RNG, so a strategy
+        # whose memory is off (memory_size=0) leaves every other random draw as finetune's.
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() + 1)
+        self.seen_mask: Optional[torch.Tensor] = None  # set by mark_seen (class-IL methods with growing heads)
 
     def seen_outputs(self, task: Task, include_current: bool = True) -> list[int]:
         tasks = self.stream.tasks[: task.id + (1 if include_current else 0)]
         return sorted({o for t in tasks for o in t.outputs})
+
+    def mark_seen(self, task: Task) -> torch.Tensor:
+        """Task start: the outputs of the classes of tasks 0..task (a bool mask, also kept
+        as `seen_mask` for `over_seen`)."""
+        self.seen_mask = torch.zeros(self.stream.num_outputs, dtype=torch.bool, device=self.device)
+        self.seen_mask[self.seen_outputs(task)] = True
+        return self.seen_mask
+
+    def over_seen(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores of the classes not trained yet set to -inf (iCaRL, EEIL, BiC: the papers'
+        and authors' heads grow with each task, so a class exists only once its task came).
+        Before the first task (the untrained baseline row) all outputs compete."""
+        return scores if self.seen_mask is None else scores.masked_fill(~self.seen_mask, float("-inf"))
 
     @torch.no_grad()
     def embed(self, raw: torch.Tensor) -> torch.Tensor:
@@ -268,8 +290,9 @@ class ReplayStrategy(Strategy):
         return self.memory.summary()
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "generator": self.generator.get_state()}
+        return {"memory": self.memory.state_dict(), "generator": self.generator.get_state(), "seen": self.seen_mask}
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state["memory"])
         self.generator.set_state(state["generator"].cpu())
+        self.seen_mask = state.get("seen")

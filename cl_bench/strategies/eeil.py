@@ -5,7 +5,10 @@
   the cross-entropy over all classes seen so far (old and new logits), and one
   distillation term per earlier incremental step f, the soft-target loss with T = 2
   (Eq. 2-3) between the frozen previous model and the current one on that step's
-  logits (the shared `kd_loss`).
+  logits (the shared `kd_loss`). Eq. 3 is -1/N sum_i sum_j pdist_ij log qdist_ij with no
+  T^2 factor, and so is the authors' code (MatConvNet `vl_nnsoftmaxdiff.m`, mode "MI":
+  derivative (softmax - c) / T, loss weight 1 in `fork_resnet_distillation.m`), so
+  `kd_loss` is called with `t_squared=False`.
 - Balanced fine-tuning (Sec. 4.3): after each incremental step, a few epochs at a
   learning rate reduced by `finetune_lr_factor` (the paper: 10x smaller) on a
   class-balanced subset: the old classes' exemplars and as many randomly chosen
@@ -15,9 +18,17 @@
 - Representative memory (Sec. 3): then the class-balanced memory is updated by
   herding (old classes shrink to their first m exemplars).
 
+Classification (Sec. 4): the softmax over the classification layers of all classes seen
+so far; the network grows one layer per step, so a class whose task has not come yet
+has no output. Here the head is allocated in full, so `predict` gives those outputs
+-inf: the lower triangle of the accuracy matrix is the same with and without
+`train.active_classes` (whose losses EEIL already restricts to the seen classes).
+
 The balanced fine-tuning runs inside `after_task` (part of the task's train time).
 The paper's extra data augmentation (brightness, contrast, crops) is the stream's
-`transform` here, applied to fresh and replayed samples alike. class_il only.
+`transform` here, applied to fresh and replayed samples alike. The frozen teachers run
+in eval mode (batch-norm running statistics untouched by their forward passes).
+class_il only.
 """
 
 from __future__ import annotations
@@ -58,8 +69,7 @@ class EEIL(ReplayStrategy):
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
-        self._seen = torch.zeros(self.stream.num_outputs, dtype=torch.bool, device=self.device)
-        self._seen[self.seen_outputs(task)] = True
+        self._seen = self.mark_seen(task)
         self._old_steps = [t.outputs for t in self.stream.tasks[: task.id]]
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False) if task.id > 0 else None
 
@@ -76,7 +86,7 @@ class EEIL(ReplayStrategy):
             with torch.no_grad():
                 old_logits = teacher(x)
             for outputs in groups:
-                loss = loss + kd_loss(logits, old_logits, self.temperature, outputs)
+                loss = loss + kd_loss(logits, old_logits, self.temperature, outputs, t_squared=False)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -108,3 +118,6 @@ class EEIL(ReplayStrategy):
                 x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
                 self.step(x, data.y[idx], teacher, [task.outputs])
         self.optimizer = main_optimizer  # the fine-tuning optimizer (reduced lr) ends here
+
+    def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+        return self.over_seen(self.model(x))

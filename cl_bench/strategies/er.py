@@ -12,6 +12,11 @@ memory rebuilt at task end, like its ring buffer) and `herding` (class-balanced 
 iCaRL's herding, close to its "mean of features" writer). The paper is single-epoch;
 with several epochs the reservoir sees each sample once, in the task's first epoch.
 In domain-IL, where labels repeat across tasks, the balanced writers balance tasks.
+
+B and B_M go through the network as one batch in training mode (Alg. 1 takes one step
+on their union), so batch norm normalises them together. `memory_size=0` switches
+replay off and gives `finetune`'s steps and matrix exactly (the memory's generator is
+seeded without drawing from the global RNG).
 """
 
 from __future__ import annotations

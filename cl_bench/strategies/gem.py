@@ -17,6 +17,15 @@ The per-step cost is one forward/backward per past task plus a small QP on the C
 `summary()` reports how many steps needed a projection, and the runner's train time
 gives the overhead against `finetune`. Memory gradients use the augmented stored
 samples; in task-IL each task's loss is restricted to its own outputs.
+
+Training mode and optimizers: the memory forward passes run in training mode, as in the
+authors' code (model/gem.py, `observe`: the past tasks' memories go through the same
+network in `train()` mode as the current batch), so batch-norm layers normalise each
+memory batch with its own statistics and their running statistics see memory batches
+too. The projected g~ is written into `.grad` and the run's optimizer steps with it, so
+momentum and (coupled or decoupled) weight decay act on top of the projection; the
+authors use plain SGD, where the two coincide. `memory_size=0` is the protection-off
+switch: no past task, no projection, the same steps (and matrix) as `finetune`.
 """
 
 from __future__ import annotations

@@ -32,8 +32,16 @@ Which outputs each term covers, by scenario:
   new classes free to win everywhere and ends near fine-tuning in class-IL.
 - domain-IL: one L_old on the shared head.
 
-The paper's warm-up phase (training the new head alone first) is not used, as in van de
-Ven & Tolias's and FACIL's implementations.
+Prediction in class-IL: LwF's network grows a head per task (Li & Hoiem, Sec. 3), and
+van de Ven & Tolias's class-IL LwF predicts over the active classes; the head here is
+allocated in full, so `predict` gives the outputs of classes whose task has not been
+trained yet -inf. Training already ignores them, so the accuracy matrix is the same with
+and without `train.active_classes`, and `alpha=0` equals finetune run with
+`train.active_classes=true` (in task-IL and domain-IL: finetune as it is).
+
+The old model is a frozen copy in eval mode: its forward passes never update batch-norm
+running statistics. The paper's warm-up phase (training the new head alone first) is
+not used, as in van de Ven & Tolias's and FACIL's implementations.
 """
 
 from __future__ import annotations
@@ -128,6 +136,14 @@ class LwF(Strategy):
     def after_task(self, task: Task) -> None:
         self.old_model = self._freeze_copy()
         self.tasks_seen = task.id + 1
+
+    def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+        scores = self.model(x)
+        if self.stream.scenario != "class_il" or self.tasks_seen == 0:
+            return scores  # before any task (the untrained baseline row) every output competes
+        unseen = torch.ones(self.stream.num_outputs, dtype=torch.bool, device=scores.device)
+        unseen[[o for t in self.stream.tasks[: self.tasks_seen] for o in t.outputs]] = False
+        return scores.masked_fill(unseen, float("-inf"))
 
     def summary(self) -> dict:
         return {"old_model": self.old_model is not None, "distilled_tasks": self.tasks_seen}
