@@ -268,3 +268,26 @@ def test_active_classes_keep_unseen_outputs_out_of_every_loss(active_classes, tm
     seen_changed = not torch.equal(heads["init"][:2], heads["task0"][:2])
     unseen_changed = not torch.equal(heads["init"][2:], heads["task0"][2:])
     assert seen_changed and unseen_changed != active_classes
+
+
+@pytest.mark.parametrize("strategy", ["dgm_w", "dgm_a"])
+def test_dgm_critic_phase_leaves_batchnorm_statistics_alone(strategy, tmp_path, monkeypatch):
+    """DGM's critic is the classifier: its GAN phase must not feed fake or interpolated
+    images into the batch-norm running statistics (nor normalise across the critic's batch)."""
+    from cl_bench.strategies.dgm import DGM
+
+    seen = []
+    original = DGM.train_generator
+
+    def train_generator(self, task):
+        stats = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k}
+        assert stats, "the backbone has batch norm"
+        original(self, task)
+        after = self.model.state_dict()
+        seen.append(all(torch.equal(v, after[k]) for k, v in stats.items()))
+
+    monkeypatch.setattr(DGM, "train_generator", train_generator)
+    Runner(compose_cfg(f"strategy={strategy}", "backbone=reduced_resnet18", "backbone.nf=4", "train.epochs=1",
+                       "dataset.max_train_per_class=10", *BUDGET, "strategy.generator_passes=1", *PROTOCOL),
+           tmp_path / "run").run()
+    assert seen and all(seen)

@@ -28,7 +28,9 @@ s annealed over the task's generator iterations, binarised at e > 0 when it ends
 mask embeddings get their own Adam step size `mask_lr` (with Adam, HAT's gradient
 compensation alone cannot make them move at the generator's learning rate). In the
 summary `discriminator_parameters` counts the critic head only: the rest of the
-discriminator is the classifier (`classifier_parameters`).
+discriminator is the classifier (`classifier_parameters`). On a batch-norm backbone the
+GAN phase runs the critic's batch norms on their running statistics (a WGAN-GP critic
+must not normalise across the batch, Gulrajani et al. 2017 Sec. 4).
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ class DGM(GenerativeReplay):
     def train_generator(self, task: Task) -> None:
         n, iterations = self.generator_batch_size, self.generator_iterations(task)
         gen = self.generator
+        # The critic is the classifier: batch-norm layers run on their running statistics
+        # (from the classifier's real data), so the per-sample gradient penalty is valid
+        # (Gulrajani et al. 2017, Sec. 4: no batch norm in a WGAN-GP critic) and fake or
+        # interpolated images never enter the classifier's statistics.
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         gen.start_task()
         d_opt = self.adam(self.model, self.critic)
         # the mask embeddings get their own (larger) step: with Adam, HAT's gradient
