@@ -12,13 +12,19 @@ where `weight_mask` (per weight: binary, or a straight-through binarised score) 
 pass (None = off). `grow(l, n)` adds `n` units to layer `l` (new incoming weights
 initialised like torch's default; new outgoing weights of layer `l+1` start at zero,
 so the function of every existing unit is unchanged); `keep_units(l, idx)` removes
-units. Growth needs consecutive layers joined unit to unit (MLPs, plain conv stacks).
+units. Growth needs consecutive layers joined unit to unit (`growable`: MLPs);
+`is_chain` says whether each layer's input is exactly the previous layer's gated output
+(through ReLU, pooling, flatten, dropout: a gated-off unit feeds exact zeros), which
+HAT's Eq. 2 relies on; batch-norm or residual connections break it (ResNets).
 
 Helpers for strategies built on these layers live here too: `WeightOwners` (which task
 owns each weight: PackNet/CPG bookkeeping with magnitude pruning), `binarize`
 (straight-through threshold of real mask scores: Piggyback/CPG), `FreezeGuard` (keeps
 chosen entries exactly fixed through any optimizer step), `TaskBatchNorm`, `epochs`
-(extra passes over a split for phases a strategy runs itself), and `size_summary`.
+(extra passes over a split for phases a strategy runs itself), `size_summary`, and
+`batchnorms`/`freeze_batchnorms`/`batchnorms_eval` (batch-norm shared by all tasks, fixed
+after the first: affine parameters and running statistics) and `start_task_batchnorms`/
+`freeze_other_batchnorms` (a `TaskBatchNorm` copy per task).
 """
 
 from __future__ import annotations
@@ -86,15 +92,35 @@ class MaskedLayer(nn.Module):
         return rows
 
 
+# modules that map a zero input unit to a zero output unit, one unit at a time
+_ZERO_PRESERVING = (nn.ReLU, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
+
+
 class MaskedNet(nn.Module):
     """A copy of `backbone` whose Linear/Conv2d layers are `MaskedLayer`s (body, then head)."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
+        name = type(backbone).__name__
         if not (hasattr(backbone, "body") and hasattr(backbone, "head")):
-            raise CLBenchError(f"{type(backbone).__name__} has no body/head; masked strategies need both")
+            raise CLBenchError(f"{name} has no body/head; masked strategies need both")
+        if not isinstance(backbone.head, nn.Linear):
+            raise CLBenchError(f"{name}'s head is a {type(backbone.head).__name__}; masked strategies need a Linear head")
+        for module in backbone.body.modules():
+            own = list(module.parameters(recurse=False))
+            if own and not isinstance(module, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+                raise CLBenchError(f"masked strategies cannot isolate the {type(module).__name__} layers of {name} "
+                                   "(only Linear, Conv2d and BatchNorm)")
         self.body = _swap_layers(copy.deepcopy(backbone.body))
         self.head = MaskedLayer(backbone.head)
+        self.is_chain = isinstance(self.body, nn.Sequential) and all(
+            isinstance(m, (MaskedLayer, *_ZERO_PRESERVING)) for m in self.body)
+
+    @property
+    def growable(self) -> bool:
+        """Units can be added or removed: a chain whose consecutive layers connect unit to unit."""
+        layers = self.layers
+        return self.is_chain and all(b.in_units == a.out_units for a, b in zip(layers, layers[1:]))
 
     @property
     def layers(self) -> list[MaskedLayer]:
@@ -120,7 +146,7 @@ class MaskedNet(nn.Module):
 
     def _check_chain(self, l: int) -> tuple[MaskedLayer, MaskedLayer]:
         layers = self.layers
-        if l >= len(layers) - 1 or layers[l + 1].in_units != layers[l].out_units:
+        if not self.growable or l >= len(layers) - 1:
             raise CLBenchError("growing or shrinking units needs a backbone whose layers connect unit to unit (e.g. mlp)")
         return layers[l], layers[l + 1]
 
@@ -163,6 +189,23 @@ class TaskBatchNorm(nn.Module):
         return self.norms[min(self.task, len(self.norms) - 1)](x)
 
 
+def start_task_batchnorms(norms: Sequence[TaskBatchNorm], task_id: int) -> None:
+    """Task `task_id` runs its own copy of every batch-norm, started from the previous task's."""
+    for bn in norms:
+        if task_id > 0:
+            bn.norms[task_id].load_state_dict(bn.norms[task_id - 1].state_dict())
+        bn.task = task_id
+
+
+def freeze_other_batchnorms(norms: Sequence[TaskBatchNorm], task_id: int, guard: "FreezeGuard") -> None:
+    """Freeze every task's batch-norm copy but `task_id`'s (not run, they keep their statistics)."""
+    for bn in norms:
+        for k, norm in enumerate(bn.norms):
+            if k != task_id:
+                for p in norm.parameters():
+                    guard.freeze(p)
+
+
 def task_batchnorms(module: nn.Module) -> list[TaskBatchNorm]:
     """Swap every BatchNorm of `module` for a `TaskBatchNorm` (in place); return them."""
     found = []
@@ -175,6 +218,25 @@ def task_batchnorms(module: nn.Module) -> list[TaskBatchNorm]:
         else:
             found += task_batchnorms(child)
     return found
+
+
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batchnorms(module: nn.Module, guard: "FreezeGuard") -> None:
+    """Keep every batch-norm's affine parameters fixed through `guard`'s steps (the running
+    statistics are kept by `batchnorms_eval` in training mode)."""
+    for bn in batchnorms(module):
+        for p in (bn.weight, bn.bias):
+            if p is not None:
+                guard.freeze(p)
+
+
+def batchnorms_eval(module: nn.Module) -> None:
+    """Batch-norm layers normalise with, and no longer update, their running statistics."""
+    for bn in batchnorms(module):
+        bn.eval()
 
 
 class _Binarize(torch.autograd.Function):
@@ -236,8 +298,11 @@ class WeightOwners:
 class FreezeGuard:
     """Keeps the `True` entries of each registered mask exactly fixed through optimizer steps.
 
-    Zeroing gradients alone is not enough: weight decay and momentum still move a
-    parameter. `step` zeroes the frozen gradients, steps, and writes the frozen values back.
+    Zeroing gradients alone is not enough: weight decay (coupled or decoupled, AdamW) and
+    momentum still move a parameter. `step` zeroes the frozen gradients, steps, and writes
+    the frozen values back. `scale(param, factor)` multiplies each entry's whole update
+    (gradient step, momentum and weight decay alike) by `factor` in [0, 1]: 0 is frozen,
+    1 is free (HAT's Eq. 2 conditioning for any optimizer).
     """
 
     def __init__(self) -> None:
@@ -249,15 +314,23 @@ class FreezeGuard:
         if frozen.any():
             self.items.append((param, frozen))
 
+    def scale(self, param: nn.Parameter, factor: torch.Tensor) -> None:
+        factor = factor.to(param.dtype).expand_as(param)
+        if (factor < 1).any():
+            self.items.append((param, factor))
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         saved = [p.detach().clone() for p, _ in self.items]
-        for p, frozen in self.items:
+        for p, rule in self.items:  # rule: bool mask of frozen entries, or float update factors
             if p.grad is not None:
-                p.grad.masked_fill_(frozen, 0.0)
+                p.grad.masked_fill_(rule if rule.dtype == torch.bool else rule == 0, 0.0)
         optimizer.step()
         with torch.no_grad():
-            for (p, frozen), old in zip(self.items, saved):
-                p.copy_(torch.where(frozen, old, p))
+            for (p, rule), old in zip(self.items, saved):
+                if rule.dtype == torch.bool:
+                    p.copy_(torch.where(rule, old, p))
+                else:  # where the factor is 0, exactly the old value (even if the step produced inf/nan)
+                    p.copy_(torch.where(rule == 0, old, old + rule * (p - old)))
 
 
 def head_rows_frozen(head: MaskedLayer, stream: Stream, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,10 @@
   `pretrained=true` loads torchvision's ImageNet weights from the torch hub cache;
   a stem that was adapted or has a different channel count keeps its random init.
 
-All expose `features(x)` (the pooled penultimate activations), `feature_dim` and `head`.
+All expose `body` (input -> pooled penultimate activations), `head` (the linear output
+layer), `features(x)` = `body(x)` and `feature_dim`, like the other backbones, so the
+masked strategies (PackNet, Piggyback, HAT, CPG) can swap their layers. State dicts
+saved before `body` existed (keys `stem.*`, `stages.*`) still load.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ class BasicBlock(nn.Module):
         return F.relu(out + skip)
 
 
+class _SmallInputBody(nn.Module):
+    """Stem, stages, global average pooling: the features of a small-input ResNet."""
+
+    def __init__(self, stem: nn.Module, stages: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.stages = stem, stages
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+
+
 class _SmallInputResNet(nn.Module):
     """3x3 stride-1 stem, stages of basic blocks (first block of stages 2+ strides by 2), global pooling."""
 
@@ -61,21 +75,26 @@ class _SmallInputResNet(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise CLBenchError(f"a ResNet backbone needs image input (C, H, W), got shape {tuple(input_shape)}")
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, c_in = [], widths[0]
         for stage, (width, n) in enumerate(zip(widths, blocks)):
             for b in range(n):
                 layers.append(BasicBlock(c_in, width, 2 if stage > 0 and b == 0 else 1, shortcut))
                 c_in = width
-        self.stages = nn.Sequential(*layers)
+        self.body = _SmallInputBody(stem, nn.Sequential(*layers))
         self.feature_dim = c_in
         self.head = nn.Linear(c_in, num_outputs)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for key in [k for k in state_dict if k.startswith((prefix + "stem.", prefix + "stages."))]:
+            state_dict[prefix + "body." + key[len(prefix):]] = state_dict.pop(key)  # keys from before `body`
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.body(x))
 
 
 class ReducedResNet18(_SmallInputResNet):

@@ -14,12 +14,20 @@ For task t (Sec. 3, Alg. 1), on a body whose weights are each owned by one task:
    last step is undone) when the accuracy falls below the goal. The pruned weights are
    released (zeroed, free for later tasks), the kept ones frozen.
 Task k is predicted with its own weights plus the weights it picked: nothing it uses
-is ever updated again. As in PackNet (whose code CPG builds on) biases are trained
-with the first task only; head rows are per task. Task-IL only.
+is ever updated again. Batch-norm is per task, as in the authors' code (which stores
+each task's BN weight, bias, running mean and variance in `shared_layer_info[task]` and
+restores them to evaluate it): task t's copy of every BN layer starts from task t-1's
+and is the only one trained (and updating running statistics) during task t. As in
+PackNet (whose code CPG builds on) layer biases are trained with the first task only
+(the authors' code keeps them per task too; the backbones with batch-norm here have no
+conv biases); head rows are per task. Growing needs a backbone whose layers connect
+unit to unit (mlp): on others (ResNets) CPG runs without growing and says so in a
+warning. Task-IL only.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -29,7 +37,7 @@ from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
     FreezeGuard, MaskedNet, WeightOwners, accuracy, binarize, bit_bytes, epochs, head_params, head_rows_frozen,
-    size_summary,
+    freeze_other_batchnorms, size_summary, start_task_batchnorms, task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
 
@@ -53,7 +61,15 @@ class CPG(Strategy):
         self.mask_init, self.threshold, self.mask_lr = mask_init, threshold, mask_lr
 
     def setup(self, model, stream, train_cfg, device) -> None:
-        super().setup(MaskedNet(model).to(device), stream, train_cfg, device)
+        net = MaskedNet(model)
+        self.norms = task_batchnorms(net.body)
+        for bn in self.norms:
+            bn.ensure(len(stream))
+        super().setup(net.to(device), stream, train_cfg, device)
+        if not net.growable and self.grow_units > 0 and self.max_grow > 0:
+            self.warn(f"CPG cannot grow {type(model).__name__} (its layers do not connect unit to unit): it runs "
+                      "without the growing step; set strategy.max_grow=0 to silence this")
+            self.max_grow = 0
         self.owners = WeightOwners(self.model.hidden)
         self.picks: list[Optional[list[torch.Tensor]]] = []
         self.grown = [0] * len(stream)
@@ -72,6 +88,8 @@ class CPG(Strategy):
         return [(o | p).float() for o, p in zip(own, picks)] if picks else [o.float() for o in own]
 
     def predict(self, x: torch.Tensor, task_id: Optional[int] = None) -> torch.Tensor:
+        for bn in self.norms:
+            bn.task = task_id
         if task_id == self.task and self.scores is not None:
             self.model.set_masks([m.detach() for m in self.train_masks()])
         else:
@@ -87,12 +105,14 @@ class CPG(Strategy):
                 self.guard.freeze(layer.bias, t > 0)
         for p, frozen in zip((head.weight, head.bias), head_rows_frozen(head, self.stream, t)):
             self.guard.freeze(p, frozen)
+        freeze_other_batchnorms(self.norms, t, self.guard)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.mask_optimizer = torch.optim.Adam(self.scores, lr=self.mask_lr) if self.scores is not None else None
 
     def before_task(self, task: Task) -> None:
         self.task = task.id
         self.owners.claim_free(task.id)
+        start_task_batchnorms(self.norms, task.id)
         self.scores = None
         if task.id > 0:
             self.scores = nn.ParameterList(nn.Parameter(torch.full_like(l.weight, self.mask_init)) for l in self.model.hidden)
@@ -102,6 +122,8 @@ class CPG(Strategy):
         return self._step(batch.x, batch.y)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        for bn in self.norms:
+            bn.task = self.task
         self.model.set_masks(self.train_masks())
         loss = self.loss(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,7 +172,8 @@ class CPG(Strategy):
         done = 0.0
         for i in range(1, self.prune_steps + 1):
             goal = self.prune_ratio * (1 - (1 - i / self.prune_steps) ** 3)
-            snapshot = (self.owners.state_dict(), [l.weight.detach().clone() for l in self.model.hidden])
+            snapshot = (self.owners.state_dict(), [l.weight.detach().clone() for l in self.model.hidden],
+                        [copy.deepcopy(bn.norms[task.id].state_dict()) for bn in self.norms])
             self.owners.prune(self.model.hidden, task.id, (goal - done) / (1 - done))
             self._optimizers()
             self._train(task, 1)
@@ -159,6 +182,8 @@ class CPG(Strategy):
                 with torch.no_grad():
                     for layer, w in zip(self.model.hidden, snapshot[1]):
                         layer.weight.copy_(w)
+                for bn, state in zip(self.norms, snapshot[2]):
+                    bn.norms[task.id].load_state_dict(state)
                 break
             done = goal
         while len(self.picks) <= task.id:

@@ -4,21 +4,30 @@ Task 0: the network is trained with an L1 penalty mu ||W||_1 (Eq. 1), so it is s
 Task t > 0 (Alg. 1):
  * selective retraining (Alg. 2): only task t's output weights are trained, with L1,
    then a breadth-first search from the task's outputs along non-zero weights selects
-   the units S the task depends on; only the weights into S are retrained, with
-   L1 plus lambda ||W_S - W_S^{t-1}||^2 (the drift penalty of Eq. 4, folded into the
-   Eq. 2 retraining so the drift below is what a split has to repair);
+   the units S the task depends on; only the weights and biases of S are retrained,
+   with lambda ||W_S - W_S^{t-1}||^2 + lambda ||b_S - b_S^{t-1}||^2 (the drift penalty
+   of Eq. 4, on weights and biases as in the authors' code, folded into the Eq. 2
+   retraining so the drift below is what a split has to repair);
  * dynamic expansion (Alg. 3): if the training loss stays above `loss_threshold`,
    every hidden layer gets `expand_units` units, trained (with the task's outputs) under
    L1 and the group lasso gamma sum_g ||W_g||_2 per new unit (Eq. 3); new units whose
-   group is driven to zero are removed;
+   group is driven to zero are removed. Only the new units' weights and biases train:
+   the biases of existing units stay fixed;
  * split/duplication (Alg. 4): a selected unit whose incoming weights drifted by more
    than `split_threshold` (L2) is duplicated: the copy keeps the new weights for task
-   t and later, the original gets its old weights back and serves earlier tasks.
+   t and later, the original gets its old weights and bias back and serves earlier
+   tasks. As in the authors' code (`np.argsort(drifts)[:ex_k]`) at most `expand_units`
+   units are split per layer and task (the paper's Alg. 4 leaves the number open; their
+   code reuses the expansion size k); here the most drifted ones (their code keeps the
+   least drifted of those above the threshold, which leaves the largest drifts unrepaired).
+   Drifted units beyond the cap keep their new weights: the semantic drift that the
+   Eq. 4 penalty bounds, as in the paper.
 Units carry timestamps (the task that added them, the task from which a split copy
 replaced them); task k runs only the units alive at k, so later units never touch
 earlier tasks. Sparsity penalties are applied as proximal steps (soft-thresholding),
 as in the authors' code, so zeros are exact. Task-IL only (the task id picks the
-units); growth needs a backbone whose layers connect unit to unit (mlp).
+units); growth needs a backbone whose layers connect unit to unit (mlp): others are
+refused in setup.
 """
 
 from __future__ import annotations
@@ -51,7 +60,11 @@ class DEN(Strategy):
         self.group_lasso, self.split_threshold = group_lasso, split_threshold
 
     def setup(self, model, stream, train_cfg, device) -> None:
-        super().setup(MaskedNet(model).to(device), stream, train_cfg, device)
+        net = MaskedNet(model)
+        if not net.growable:
+            raise CLBenchError(f"DEN adds and splits units, which needs a backbone whose layers connect unit to unit "
+                               f"(backbone=mlp); {type(model).__name__} does not")
+        super().setup(net.to(device), stream, train_cfg, device)
         hidden = self.model.hidden
         self.born = [torch.zeros(l.out_units, dtype=torch.long, device=device) for l in hidden]
         self.retired = [torch.full((l.out_units,), NEVER, dtype=torch.long, device=device) for l in hidden]
@@ -64,14 +77,17 @@ class DEN(Strategy):
         self.model.set_gates([a.float() for a in self.alive(k)])
 
     # ----- one optimisation phase: which entries train, and the penalties -------------
-    def _phase(self, trainable: list[torch.Tensor], sparse: bool = True, groups: Optional[list] = None) -> None:
-        """trainable[l]: bool mask of hidden layer l's weights that may change; `sparse`: L1 on
-        them and on the task's output weights; `groups`: (layer, rows) under the group lasso."""
+    def _phase(self, trainable: list[torch.Tensor], units: list[torch.Tensor], sparse: bool = True,
+               groups: Optional[list] = None) -> None:
+        """trainable[l]: bool mask of hidden layer l's weights that may change; units[l]: its units
+        whose bias may change; `sparse`: L1 on the weights and on the task's output weights;
+        `groups`: (layer, rows) under the group lasso."""
         self.guard, self.train_masks, self.groups, self.sparse = FreezeGuard(), trainable, groups, sparse
-        for layer, mask in zip(self.model.hidden, trainable):
+        self.bias_masks = units
+        for layer, mask, rows in zip(self.model.hidden, trainable, units):
             self.guard.freeze(layer.weight, ~mask)
             if layer.bias is not None:
-                self.guard.freeze(layer.bias, ~mask.flatten(1).any(1))
+                self.guard.freeze(layer.bias, ~rows)
         hw, hb = head_rows_frozen(self.model.head, self.stream, self.task)
         self.head_mask = ~hw
         self.guard.freeze(self.model.head.weight, hw)
@@ -84,6 +100,9 @@ class DEN(Strategy):
             loss = loss + self.drift_penalty * sum(
                 ((l.weight[:, : o.shape[1]][: o.shape[0]] - o) * m[: o.shape[0], : o.shape[1]]).pow(2).sum()
                 for l, o, m in zip(self.model.hidden, self.old, self.train_masks))
+            loss = loss + self.drift_penalty * sum(
+                ((l.bias[: len(b)] - b) * m[: len(b)]).pow(2).sum()
+                for l, b, m in zip(self.model.hidden, self.old_bias, self.bias_masks) if l.bias is not None)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.guard.step(self.optimizer)
@@ -111,11 +130,13 @@ class DEN(Strategy):
         self.use_task(task.id)
         hidden = self.model.hidden
         if task.id == 0:
-            self._phase([torch.ones_like(l.weight, dtype=torch.bool) for l in hidden])
+            self._phase([torch.ones_like(l.weight, dtype=torch.bool) for l in hidden],
+                        [torch.ones(l.out_units, dtype=torch.bool, device=self.device) for l in hidden])
             return
         self.old = [l.weight.detach().clone() for l in hidden]
-        self.old_bias = [l.bias.detach().clone() for l in hidden]
-        self._phase([torch.zeros_like(l.weight, dtype=torch.bool) for l in hidden])  # outputs only
+        self.old_bias = [l.bias.detach().clone() if l.bias is not None else None for l in hidden]
+        self._phase([torch.zeros_like(l.weight, dtype=torch.bool) for l in hidden],  # outputs only
+                    [torch.zeros(l.out_units, dtype=torch.bool, device=self.device) for l in hidden])
         self._train(task, self.select_epochs)
         # breadth-first search from the task's outputs along non-zero weights
         rows = torch.tensor(task.outputs, device=self.device)
@@ -130,7 +151,7 @@ class DEN(Strategy):
             ins = self.selected[l - 1] if l > 0 else torch.ones(layer.in_units, dtype=torch.bool, device=self.device)
             m = self.selected[l][:, None] & ins[None, :]
             masks.append(m.view(*m.shape, *[1] * (layer.weight.dim() - 2)).expand_as(layer.weight).clone())
-        self._phase(masks, sparse=False)  # Eq. 2: L2 (here: drift) only
+        self._phase(masks, [s.clone() for s in self.selected], sparse=False)  # Eq. 2: L2 (here: drift) only
 
     @torch.no_grad()
     def _loss(self, task: Task) -> float:
@@ -150,15 +171,16 @@ class DEN(Strategy):
                 self.retired[l] = torch.cat([self.retired[l], self.retired[l].new_full((n,), NEVER)])
             hidden = self.model.hidden
             self.use_task(task.id)
-            masks, groups = [], []
+            masks, units, groups = [], [], []
             for l, layer in enumerate(hidden):
                 new_rows = torch.zeros_like(layer.weight, dtype=torch.bool)
                 new_rows[-n:] = True
                 if l > 0:
                     new_rows[:, -n:] = True  # outgoing weights of the previous layer's new units
                 masks.append(new_rows)
+                units.append(torch.arange(layer.out_units, device=self.device) >= layer.out_units - n)
                 groups.append((layer, torch.arange(layer.out_units - n, layer.out_units, device=self.device)))
-            self._phase(masks, groups=groups)
+            self._phase(masks, units, groups=groups)
             self._train(task, self.expand_epochs)
             for l in range(len(hidden)):  # drop new units the group lasso switched off
                 layer = self.model.hidden[l]
@@ -179,15 +201,17 @@ class DEN(Strategy):
             layer, old, old_b = self.model.hidden[l], self.old[l], self.old_bias[l]
             n_old, in_old = old.shape[0], old.shape[1]
             drift = (layer.weight[:n_old, :in_old] - old).flatten(1).norm(dim=1)
-            units = torch.nonzero((drift > self.split_threshold) & self.selected[l][:n_old]).flatten()
-            if len(units) == 0:
+            drift = drift.masked_fill(~self.selected[l][:n_old], 0.0)
+            k = min(int((drift > self.split_threshold).sum()), self.expand_units)
+            if k == 0:
                 continue
+            units = drift.topk(k).indices.sort().values  # the k most drifted (the cap of the authors' code)
             nxt = self.model.layers[l + 1]
             rows, cols = layer.weight[units].clone(), nxt.weight[:, units].clone()
             bias = layer.bias[units].clone() if layer.bias is not None else None
             layer.weight[units, :in_old] = old[units]
             if layer.bias is not None:
-                layer.bias[units] = old_b[units]
+                layer.bias[units] = old_b[units]  # the original serves earlier tasks with its old bias too
             self.model.grow(l, len(units), rows=rows, cols=cols)
             if bias is not None:
                 self.model.hidden[l].bias[-len(units):] = bias

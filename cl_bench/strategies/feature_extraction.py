@@ -5,7 +5,11 @@ The fixed-feature baseline of Li & Hoiem, "Learning without Forgetting" (TPAMI 2
 Sec. 3 "Feature Extraction") and Piggyback's "Classifier Only" row (Mallya et al.
 2018, Table 1). Each task owns its rows of the shared head (its outputs); rows of
 other tasks are kept exactly fixed, so earlier tasks cannot be forgotten, but later
-tasks can only reuse the first task's features. Task-IL only (heads are picked by the
+tasks can only reuse the first task's features. From task 1 on the body is out of the
+optimizer and in eval mode (batch-norm statistics stay those of the first task) and the
+other tasks' head rows are frozen through the shared `FreezeGuard` (weight decay and
+momentum cannot move them), so earlier tasks' logits never change. Needs a backbone
+with a Linear `head` (all of conf/backbone/). Task-IL only (heads are picked by the
 task id through the task-IL restriction).
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import FreezeGuard, head_params, size_summary
 from cl_bench.strategies.base import Strategy
@@ -20,6 +25,11 @@ from cl_bench.strategies.base import Strategy
 
 class FeatureExtraction(Strategy):
     scenarios = ("task_il",)
+
+    def setup(self, model, stream, train_cfg, device) -> None:
+        if not isinstance(getattr(model, "head", None), torch.nn.Linear):
+            raise CLBenchError(f"feature_extraction needs a backbone with a Linear head; {type(model).__name__} has none")
+        super().setup(model, stream, train_cfg, device)
 
     def before_task(self, task: Task) -> None:
         self.task = task.id

@@ -1,11 +1,16 @@
-"""Individual networks: a fresh, independently initialised copy of the backbone per task.
+"""Individual networks: one copy of the backbone per task, every one starting from the same initial state.
 
 The isolation upper bound of the parameter-isolation family (the "independent" /
 "separate networks" baseline of e.g. Rusu et al. 2016, Sec. 5, and De Lange et al.,
 TPAMI 2021): no transfer, no interference, T times the parameters. Network k is
 trained on task k only and predicts task k; the task id picks the network, so the
-strategy is task-IL only. Works with any backbone (copied, then re-initialised with
-each module's own `reset_parameters`).
+strategy is task-IL only. Works with any backbone: a copy of the backbone as built
+(the backbone's own initialisation, and its pretrained weights if any) is kept at
+setup, and every network starts as an exact copy of it, so all networks start as the
+first one did (torch's generic `reset_parameters` would replace the backbone's own
+initialisation and drop pretrained weights). Only the current network is in the
+optimizer and runs forward passes while training, so earlier ones (weights and
+batch-norm statistics) never change.
 """
 
 from __future__ import annotations
@@ -25,15 +30,11 @@ class IndividualNetworks(Strategy):
     scenarios = ("task_il",)
 
     def setup(self, model, stream, train_cfg, device) -> None:
-        self.template = copy.deepcopy(model).cpu()
+        self.initial = copy.deepcopy(model).cpu()  # the state every network starts from
         super().setup(nn.ModuleList([model]), stream, train_cfg, device)
 
     def _add_network(self) -> None:
-        net = copy.deepcopy(self.template)
-        for m in net.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        self.model.append(net.to(self.device))
+        self.model.append(copy.deepcopy(self.initial).to(self.device))
 
     def before_task(self, task: Task) -> None:
         while len(self.model) <= task.id:

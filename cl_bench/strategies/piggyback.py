@@ -12,7 +12,13 @@ each batch-norm layer are trained; after the task the binary mask (1 bit per wei
 is stored and the scores discarded. Defaults follow the authors' code (mask_init 1e-2,
 threshold 5e-3, Adam on the scores); `mask_lr` defaults to 1e-3 instead of their 1e-4
 because CI-sized protocols take tens of steps per task, not thousands. Biases stay
-those of the backbone. Task-IL only: the task id picks the mask.
+those of the backbone. Earlier tasks' logits never change, with any optimizer: from
+the first masked task on, the body's weights and biases are out of the optimizer, each
+task's batch-norm copy (or, with `task_batchnorm=false`, the shared batch-norm, kept in
+eval mode) runs only for its own task, and other tasks' head rows are frozen through
+the shared `FreezeGuard` (tested with SGD momentum + weight decay and AdamW on a
+batch-norm ResNet). Any backbone with `body` and a Linear `head` works (MaskedNet
+refuses others in setup). Task-IL only: the task id picks the mask.
 """
 
 from __future__ import annotations

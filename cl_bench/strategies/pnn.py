@@ -5,9 +5,12 @@ and a new column t, with lateral adapters from all earlier columns (Eq. 2, see
 models/pnn.py), is added and trained. Task k is predicted by column k, so nothing
 learned earlier can be overwritten: zero forgetting by construction, at the price of
 a model that grows by one column (and its adapters) per task. Columns take the
-backbone's MLP shape (`backbone.hidden_sizes`); each column has its own head over the
-stream's outputs (the task's outputs are selected by the task-IL restriction).
-Task-IL only: the task id picks the column.
+backbone's MLP shape (`backbone.hidden_sizes`) and dropout; other backbones are refused
+in setup. Each column has its own head over the stream's outputs (the task's outputs
+are selected by the task-IL restriction). `parameters_per_task` counts what a paper
+would print for task k: column k with its task's head rows, plus the hidden layers and
+adapters of the earlier columns it reads (not their heads); `parameters_per_column` and
+`parameters_total` are the stored sizes. Task-IL only: the task id picks the column.
 """
 
 from __future__ import annotations
@@ -62,8 +65,12 @@ class PNN(Strategy):
     def summary(self) -> dict:
         net = self.model
         sizes = [net.column_parameters(k) for k in range(len(net.columns))]
-        # task k runs columns 0..k (their laterals feed column k); independent columns only their own
-        used = [sum(sizes[: k + 1]) if self.lateral else sizes[k] for k in range(len(sizes))]
+        used = []
+        for k in range(len(sizes)):
+            own = net.columns[k].used_parameters(self.stream.tasks[k].outputs, with_head=True)
+            # task k runs the hidden layers of columns 0..k-1 too (their laterals feed column k)
+            earlier = sum(net.columns[j].used_parameters(None, with_head=False) for j in range(k)) if self.lateral else 0
+            used.append(own + earlier)
         return size_summary(sum(sizes), used, 0, columns=len(sizes), parameters_per_column=sizes)
 
     def state_dict(self) -> dict:
