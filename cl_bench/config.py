@@ -56,10 +56,11 @@ class TrainConfig:
     # class-IL: losses and predictions cover only the classes of the tasks seen so far
     # (van de Ven & Tolias's "active classes"); false: the whole head from the start (Mammoth).
     active_classes: bool = False
-    # An epoch whose mean training loss is above this is a diverged run (the run fails with
-    # a one-line error, no results). Cross-entropy starts near ln(classes); a loss this
-    # large means the weights have blown up. 0 switches the bound off (NaN/inf always fail).
-    max_loss: float = 1.0e4
+    # An epoch whose mean training loss (penalties included) is above this is a diverged run
+    # (the run fails with a one-line error, no results). Cross-entropy starts near
+    # ln(classes); a loss this large means the weights have blown up. 0 switches the bound
+    # off (NaN/inf always fail).
+    max_loss: float = 1.0e6
 
 
 @dataclass

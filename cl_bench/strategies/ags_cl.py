@@ -46,7 +46,7 @@ class AGSCL(Strategy):
         super().setup(model, stream, train_cfg, device)
         body = getattr(model, "body", None)
         allowed = (nn.Linear, nn.ReLU, nn.Flatten, nn.Dropout)
-        if body is None or not all(isinstance(m, allowed) for m in body):
+        if not isinstance(body, nn.Sequential) or not all(isinstance(m, allowed) for m in body):
             raise CLBenchError("strategy=ags_cl groups the nodes of an MLP and needs backbone=mlp")
         self.layers = [m for m in body if isinstance(m, nn.Linear)]
         self.omega: list[torch.Tensor] = []  # per hidden layer, per node

@@ -11,7 +11,8 @@ the paper's multi-task extension):
 
 `fisher=true` draws y from the model's own predictive distribution (the true Fisher
 of the paper); `fisher=empirical` uses the observed label instead (the common
-"empirical Fisher"). Squared gradients are taken per sample, over
+"empirical Fisher"); `fisher=predicted` uses the model's most likely label (the
+estimate in van de Ven & Tolias's code, continual_learner.py `estimate_fisher`). Squared gradients are taken per sample, over
 `fisher_samples` random training samples of the task (0 = all), with the model in eval
 mode (per-sample squares in closed form for Linear layers, see `importance`). The
 log-likelihood is the one the task loss uses: in task-IL restricted to the
@@ -30,21 +31,21 @@ from cl_bench.strategies.importance import QuadraticPenaltyStrategy, check_posit
 
 
 class EWC(QuadraticPenaltyStrategy):
-    def __init__(self, ewc_lambda: float = 100.0, fisher: str = "true", fisher_samples: int = 1000) -> None:
+    def __init__(self, ewc_lambda: float = 1000.0, fisher: str = "true", fisher_samples: int = 1000) -> None:
         super().__init__(ewc_lambda, "ewc_lambda")
         fisher = str(fisher).lower()  # `strategy.fisher=true` on the command line arrives as a bool
-        if fisher not in ("empirical", "true"):
-            raise CLBenchError(f"strategy.fisher must be empirical or true, got {fisher!r}")
+        if fisher not in ("empirical", "true", "predicted"):
+            raise CLBenchError(f"strategy.fisher must be true, empirical or predicted, got {fisher!r}")
         check_positive("fisher_samples", fisher_samples, allow_zero=True)
         self.fisher = fisher
         self.fisher_samples = int(fisher_samples)
 
     def fisher_diagonal(self, task: Task) -> list[torch.Tensor]:
         x, y = self.training_inputs(task, self.fisher_samples)
-        if self.fisher == "true":
+        if self.fisher in ("true", "predicted"):
             with torch.no_grad():
                 probs = F.softmax(self.restrict(self.model(x), y), dim=1)
-                y = torch.multinomial(probs, 1).squeeze(1)
+                y = torch.multinomial(probs, 1).squeeze(1) if self.fisher == "true" else probs.argmax(1)
 
         def nll(logits: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.restrict(logits, yi), yi, reduction="sum")

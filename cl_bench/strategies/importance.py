@@ -23,6 +23,21 @@ methods need comes for free without a second backward pass. Parameter snapshots 
 real copies (`clone()`), never views of the live tensors: a view would make every
 per-step change zero and silently turn SI into fine-tuning.
 
+Step stability. The penalty's Hessian is diagonal, lambda * sum_k Omega_k, and plain
+gradient descent on a quadratic of curvature h diverges when lr * h > 2 (with heavy-ball
+momentum m: lr * h > 2 (1 + m)). Under train.optimizer=sgd, after each consolidation,
+when lr * lambda * max_i sum_k Omega_k,i exceeds half that limit (1 + m; the task loss's
+curvature adds to the penalty's), the strategy warns once (`Strategy.warn`) and from
+then on applies the penalty as its exact proximal step after the optimizer's step on
+the task loss,
+
+    theta <- (theta + lr lambda sum_k Omega_k theta*_k) / (1 + lr lambda sum_k Omega_k),
+
+stable for any strength, with the explicit step's fixed points and equal to it to first
+order in lr (proximal gradient descent; AGS-CL's group penalties use the same device).
+Below the bound, and under Adam/AdamW (whose steps are bounded by lr), the penalty's
+gradient is added explicitly as above, so those runs are unchanged.
+
 `mean_over_chunks` gives the mean over samples of squared (EWC's Fisher) or absolute
 (MAS) per-sample gradients without per-sample loops: in closed form for Linear layers
 (one matmul per chunk), through `torch.func.vmap` for any other model.
@@ -84,9 +99,13 @@ class QuadraticPenaltyStrategy(Strategy):
     # True when the estimator needs the per-step gradients and parameter changes.
     tracks_trajectory = False
 
-    def __init__(self, strength: float, strength_name: str = "strength") -> None:
+    def __init__(self, strength: float, strength_name: str = "strength", scale: float = 1.0) -> None:
+        """`strength` is the user's value of `strategy.<strength_name>`; the penalty uses
+        lambda = scale * strength (e.g. MAS's lambda * sum Omega (...)^2 is lambda = 2 * mas_lambda)."""
         check_positive(strength_name, strength, allow_zero=True)
-        self.strength = float(strength)
+        self.strength_name = strength_name
+        self.scale = float(scale)
+        self.strength = self.scale * float(strength)
 
     def setup(self, model: nn.Module, stream: Stream, train_cfg, device: torch.device) -> None:
         super().setup(model, stream, train_cfg, device)
@@ -94,6 +113,8 @@ class QuadraticPenaltyStrategy(Strategy):
         self.params = [p for p in model.parameters() if p.requires_grad]
         # One (anchor theta*, importance Omega) pair per term; each a list aligned with params.
         self.terms: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        # True when plain SGD's explicit step on the penalty would be unstable (see check_step_stability).
+        self.proximal = False
 
     # ----- estimator hooks ----------------------------------------------------------------
     def observe(self, grads: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
@@ -120,37 +141,110 @@ class QuadraticPenaltyStrategy(Strategy):
         self.terms = []
         self.add_term(importance)
 
+    def max_importance(self) -> float:
+        """max_i sum_k Omega_k,i: the penalty's Hessian is diagonal, lambda * sum_k Omega_k."""
+        if not self.terms:
+            return 0.0
+        per_param = [sum(omega[i] for _, omega in self.terms) for i in range(len(self.params))]
+        return max(float(w.max()) for w in per_param)
+
+    def sgd_step_curvature(self) -> Optional[float]:
+        """lr * lambda * max_i sum_k Omega_k,i under train.optimizer=sgd, else None (Adam's
+        steps are bounded by lr whatever the curvature)."""
+        name = getattr(self.train_cfg.optimizer, "value", self.train_cfg.optimizer)
+        if name != "sgd":
+            return None
+        return float(self.train_cfg.lr) * self.strength * self.max_importance()
+
+    def check_step_stability(self) -> None:
+        """Under SGD, switch the penalty to its proximal step, and warn once, when the explicit
+        step would be near or past its stability limit.
+
+        The penalty (lambda / 2) sum_i Omega_i (theta_i - theta*_i)^2 has the diagonal
+        Hessian lambda * Omega, and gradient descent on a quadratic of curvature h diverges
+        when lr * h > 2 (heavy-ball momentum m: lr * h > 2 (1 + m)). The task loss's own
+        curvature adds to the penalty's, so the bound used is half that limit:
+        lr * lambda * max_i Omega_i > 1 + momentum. Past it, the penalty is applied by
+        `_proximal_step` (stable for any strength) instead of through the gradient, so the
+        run cannot blow up, and the user is told that the explicit step, which other
+        implementations take, would not be stable at this strength.
+        """
+        value = self.sgd_step_curvature()
+        limit = 1.0 + float(self.train_cfg.momentum)
+        self.proximal = value is not None and value > limit
+        if not self.proximal or self.__dict__.get("_stability_warned"):
+            return
+        self._stability_warned = True  # once per run: later tasks only raise the value
+        user = self.strength / self.scale
+        safe = user * limit / (2 * value)
+        self.warn(
+            f"{type(self).__name__}: train.lr * penalty curvature = {self.train_cfg.lr:g} * "
+            f"{self.strength:.3g} * max importance {self.max_importance():.3g} = {value:.3g} > {limit:g} "
+            f"(plain SGD on the penalty diverges above {2 * limit:g}; clbench now applies it as a proximal "
+            f"step); for an explicit-gradient run lower strategy.{self.strength_name} (e.g. to {safe:.3g}) "
+            f"or train.lr"
+        )
+
     def importance_stats(self) -> dict:
         if not self.terms:
             return {"penalty_terms": 0}
         flat = torch.cat([w.flatten() for w in self.terms[-1][1]])
-        return {
+        stats = {
             "penalty_terms": len(self.terms),
             "importance_mean": float(flat.mean()),
             "importance_max": float(flat.max()),
             "importance_nonzero": float((flat != 0).float().mean()),
+            "penalty_curvature_max": self.strength * self.max_importance(),
         }
+        curvature = self.sgd_step_curvature()
+        if curvature is not None:
+            stats["sgd_lr_times_curvature"] = curvature
+        return stats
 
     # ----- training -----------------------------------------------------------------------
     def task_loss(self, batch: Batch) -> torch.Tensor:
         return self.loss(self.model(batch.x), batch.y)
 
     @torch.no_grad()
-    def _add_penalty_gradient(self) -> torch.Tensor:
-        """Adds lambda * sum_k Omega_k (theta - theta*_k) to .grad; returns the penalty value."""
+    def _add_penalty_gradient(self, add: bool = True) -> torch.Tensor:
+        """Adds lambda * sum_k Omega_k (theta - theta*_k) to .grad (unless `add` is False);
+        returns the penalty value."""
         if not self.terms or self.strength == 0:
             return torch.zeros((), device=self.device)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
+        if add:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.params]
         values = []
         for anchor, omega in self.terms:  # foreach ops: a handful of kernels per term, not per tensor
             diffs = torch._foreach_sub(self.params, anchor)
             weighted = torch._foreach_mul(diffs, omega)
-            torch._foreach_add_(grads, weighted, alpha=self.strength)
+            if add:
+                torch._foreach_add_(grads, weighted, alpha=self.strength)
             values += [(w * d).sum() for w, d in zip(weighted, diffs)]
         return torch.stack(values).sum() * (self.strength / 2)
+
+    @torch.no_grad()
+    def _proximal_step(self) -> None:
+        """theta <- argmin_u ||u - theta||^2 / (2 lr) + (lambda / 2) sum_k Omega_k (u - theta*_k)^2
+        = (theta + lr lambda sum_k Omega_k theta*_k) / (1 + lr lambda sum_k Omega_k), elementwise.
+
+        The implicit (backward-Euler) step on the penalty: stable for any lr * lambda * Omega,
+        and with the same fixed points as the explicit step (where lr * task gradient =
+        -lr * lambda * Omega (theta - theta*)), to which it is equal to first order in lr.
+        """
+        rate = self.optimizer.param_groups[0]["lr"] * self.strength
+        total = self.zeros()
+        pull = self.zeros()
+        for anchor, omega in self.terms:
+            torch._foreach_add_(total, omega)
+            torch._foreach_add_(pull, torch._foreach_mul(omega, anchor))
+        live = [p.detach() for p in self.params]
+        torch._foreach_add_(live, pull, alpha=rate)
+        torch._foreach_mul_(total, rate)
+        torch._foreach_add_(total, 1.0)
+        torch._foreach_div_(live, total)
 
     def train_step(self, batch: Batch) -> dict:
         loss = self.task_loss(batch)
@@ -159,8 +253,11 @@ class QuadraticPenaltyStrategy(Strategy):
         if self.tracks_trajectory:
             grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
             before = self.snapshot()
-        penalty = self._add_penalty_gradient()
+        proximal = self.proximal and self.terms and self.strength != 0
+        penalty = self._add_penalty_gradient(add=not proximal)
         self.optimizer.step()
+        if proximal:
+            self._proximal_step()
         if self.tracks_trajectory:
             with torch.no_grad():
                 self.observe(grads, torch._foreach_sub([p.detach() for p in self.params], before))
@@ -171,6 +268,7 @@ class QuadraticPenaltyStrategy(Strategy):
         self.model.eval()
         self.consolidate(task)
         self.model.train(was_training)
+        self.check_step_stability()
 
     def summary(self) -> dict:
         return self.importance_stats()
@@ -184,6 +282,7 @@ class QuadraticPenaltyStrategy(Strategy):
             ([a.to(self.device) for a in anchor], [w.to(self.device) for w in omega]) for anchor, omega in state["terms"]
         ]
         self.load_extra_state(state["extra"])
+        self.check_step_stability()
 
     def zeros(self) -> list[torch.Tensor]:
         return [torch.zeros_like(p) for p in self.params]

@@ -8,8 +8,12 @@ squared-L2-norm output, Sec. 4 "Global"):
 
 computed per sample (closed form for Linear layers, else torch.func.vmap) on `num_samples` training inputs (0 = all).
 F is the output layer of the task: in task-IL the task's own outputs (the paper's
-multi-head set-up on a shared head), otherwise all outputs. Importances accumulate
-over tasks (Omega <- Omega + Omega_new, Sec. 4) and the loss is
+multi-head set-up on a shared head); in class-IL with `train.active_classes` the outputs
+of the classes seen so far (as EWC's Fisher, so the rows of unseen classes get zero
+importance and are not anchored to their random initial values); otherwise all
+outputs. Importances accumulate over tasks (Omega <- Omega + Omega_new, Sec. 4), not
+normalised (the authors' code, rahafaljundi/MAS-Memory-Aware-Synapses, keeps the raw
+average), and the loss is
 L_n + lambda * sum_ij Omega_ij (theta_ij - theta*_ij)^2 (Eq. 3), i.e. the shared
 penalty with strength 2 * lambda.
 """
@@ -23,15 +27,20 @@ from cl_bench.strategies.importance import QuadraticPenaltyStrategy, check_posit
 
 
 class MAS(QuadraticPenaltyStrategy):
-    def __init__(self, mas_lambda: float = 1.0, num_samples: int = 0) -> None:
-        super().__init__(2.0 * mas_lambda, "mas_lambda")
+    def __init__(self, mas_lambda: float = 0.1, num_samples: int = 0) -> None:
+        super().__init__(mas_lambda, "mas_lambda", scale=2.0)
         check_positive("num_samples", num_samples, allow_zero=True)
         self.mas_lambda = float(mas_lambda)
         self.num_samples = int(num_samples)
 
     def output_sensitivity(self, task: Task) -> list[torch.Tensor]:
         x, _ = self.training_inputs(task, self.num_samples)
-        outputs = torch.tensor(task.outputs, device=self.device) if self.stream.scenario == "task_il" else None
+        if self.stream.scenario == "task_il":
+            outputs = torch.tensor(task.outputs, device=self.device)
+        elif self.inactive is not None:  # class-IL with train.active_classes: the classes seen so far
+            outputs = (~self.inactive).nonzero().flatten()
+        else:
+            outputs = None
         task_index = torch.zeros(len(x), dtype=torch.long, device=self.device)
 
         def squared_norm(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:

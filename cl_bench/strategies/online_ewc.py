@@ -19,7 +19,7 @@ from cl_bench.strategies.importance import check_unit
 
 class OnlineEWC(EWC):
     def __init__(
-        self, ewc_lambda: float = 100.0, gamma: float = 1.0, fisher: str = "true", fisher_samples: int = 1000
+        self, ewc_lambda: float = 10000.0, gamma: float = 1.0, fisher: str = "true", fisher_samples: int = 1000
     ) -> None:
         super().__init__(ewc_lambda, fisher, fisher_samples)
         check_unit("gamma", gamma)

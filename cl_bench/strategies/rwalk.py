@@ -38,7 +38,7 @@ class RWalk(QuadraticPenaltyStrategy):
     def __init__(
         self, rwalk_lambda: float = 1.0, alpha: float = 0.9, update_every: int = 10, epsilon: float = 1e-3
     ) -> None:
-        super().__init__(2.0 * rwalk_lambda, "rwalk_lambda")
+        super().__init__(rwalk_lambda, "rwalk_lambda", scale=2.0)
         check_unit("alpha", alpha)
         check_positive("update_every", update_every)
         check_positive("epsilon", epsilon)

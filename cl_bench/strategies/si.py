@@ -29,8 +29,8 @@ from cl_bench.strategies.importance import QuadraticPenaltyStrategy, check_posit
 class SI(QuadraticPenaltyStrategy):
     tracks_trajectory = True
 
-    def __init__(self, c: float = 10.0, xi: float = 0.1) -> None:
-        super().__init__(2.0 * c, "c")
+    def __init__(self, c: float = 3.0, xi: float = 0.1) -> None:
+        super().__init__(c, "c", scale=2.0)
         check_positive("xi", xi)
         self.c, self.xi = float(c), float(xi)
         self.omega_sum: list[torch.Tensor] = []

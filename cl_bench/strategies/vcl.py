@@ -81,6 +81,28 @@ class VCL(Strategy):
         if task.id == 0 and self.mle_init:
             self._maximum_likelihood_init(self.train_split)
         self.optimizer = self.make_optimizer(self.model.parameters())
+        self._check_step_stability()
+
+    def _check_step_stability(self) -> None:
+        """KL(q || q_{t-1}) / N is a quadratic anchor of each mean, (mu - mu_prior)^2 / (2 N sigma_prior^2),
+        of curvature 1 / (N sigma_prior^2); plain SGD on it diverges when lr times that exceeds 2.
+        Warn once (at half that bound, as the quadratic penalties do) when the narrowest prior gets there."""
+        name = getattr(self.train_cfg.optimizer, "value", self.train_cfg.optimizer)
+        if name != "sgd" or self.__dict__.get("_stability_warned"):
+            return
+        precision = max(
+            float((-torch.cat([layer.prior_weight_log_var.flatten(), layer.prior_bias_log_var.flatten()])).exp().max())
+            for layer in self.model.layers()
+        )
+        value = float(self.train_cfg.lr) * precision / len(self.train_split)
+        if value > 1.0 + float(self.train_cfg.momentum):
+            self._stability_warned = True
+            self.warn(
+                f"VCL: train.lr * KL curvature = {self.train_cfg.lr:g} / (N={len(self.train_split)} * narrowest prior "
+                f"variance {1 / precision:.3g}) = {value:.3g} > {1.0 + float(self.train_cfg.momentum):g} (plain SGD "
+                f"on the KL term diverges above {2 * (1.0 + float(self.train_cfg.momentum)):g}); lower train.lr or "
+                f"use train.optimizer=adam"
+            )
 
     def training_data(self, task: Task) -> Split:
         return self.train_split
