@@ -163,21 +163,30 @@ def test_vcl_warns_when_the_kl_anchor_is_too_stiff_for_sgd():
     assert not default.warnings
 
 
+def first_digits_task(strategy: str, active: bool, steps: int, before_training=None):
+    """`strategy` (shipped defaults) after `steps` class-IL steps on Split Digits' first task,
+    with or without train.active_classes; `before_training(s)` runs before the first step."""
+    torch.manual_seed(0)
+    cfg = compose_cfg(f"strategy={strategy}", "scenario=class_il", f"train.active_classes={active}")
+    stream = split_digits(scenario="class_il")
+    s = build(cfg.strategy, "strategy")
+    s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
+    task = stream.tasks[0]
+    s.begin_task(task)
+    s.before_task(task)
+    if before_training is not None:
+        before_training(s)
+    for _ in range(steps):
+        s.train_step(Batch(stream.transform(task.train.x[:64]), task.train.y[:64], task.train.x[:64], task))
+    s.after_task(task)
+    return s, stream, task
+
+
 def test_mas_importance_covers_only_active_classes():
     """class-IL with train.active_classes: the head rows of classes not seen yet get zero MAS
     importance (as they get zero Fisher in EWC), so they are not anchored to their random init."""
     for active in (True, False):
-        torch.manual_seed(0)
-        cfg = compose_cfg("strategy=mas", "scenario=class_il", f"train.active_classes={active}")
-        stream = split_digits(scenario="class_il")
-        s = build(cfg.strategy, "strategy")
-        s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
-        task = stream.tasks[0]
-        s.begin_task(task)
-        s.before_task(task)
-        for _ in range(10):
-            s.train_step(Batch(stream.transform(task.train.x[:64]), task.train.y[:64], task.train.x[:64], task))
-        s.after_task(task)
+        s, stream, task = first_digits_task("mas", active, steps=10)
         head = [m for m in s.model.modules() if isinstance(m, torch.nn.Linear)][-1]
         omega = dict(zip(s.names, s.terms[0][1]))
         name = {id(p): n for n, p in s.model.named_parameters()}
@@ -286,19 +295,14 @@ def test_active_classes_keep_unseen_outputs_out_of_the_loss_and_the_fisher():
     """train.active_classes (class-IL): during task 0 the outputs of later classes get no
     gradient and no Fisher; without it they do (the whole head is trained from the start)."""
     for active in (True, False):
-        torch.manual_seed(0)
-        cfg = compose_cfg("strategy=ewc", "scenario=class_il", f"train.active_classes={active}")
-        stream = split_digits(scenario="class_il")
-        s = build(cfg.strategy, "strategy")
-        s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
-        task = stream.tasks[0]
-        s.begin_task(task)
-        s.before_task(task)
-        head = [m for m in s.model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        start = head.weight.detach().clone()
-        for _ in range(20):
-            s.train_step(Batch(stream.transform(task.train.x[:64]), task.train.y[:64], task.train.x[:64], task))
-        s.after_task(task)
+        start = {}
+
+        def remember_head(s):
+            start["head"] = [m for m in s.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+            start["weight"] = start["head"].weight.detach().clone()
+
+        s, stream, task = first_digits_task("ewc", active, steps=20, before_training=remember_head)
+        head, start = start["head"], start["weight"]
         fisher_head = s.terms[0][1][s.names.index(next(n for n, p in s.model.named_parameters() if p is head.weight))]
         unseen = [c for c in range(stream.num_outputs) if c not in task.outputs]
         moved = (head.weight.detach() - start)[unseen].abs().max()
