@@ -69,7 +69,7 @@ def sweeps(tmp_path_factory) -> dict[str, Path]:
         out[name] = folder
     # A run that fails inside the basic launcher's folder (a bad value caught by the runner).
     proc = clbench("run", "-m", "experiment=smoke", "train.lr=-1", f"hydra.sweep.dir={out['basic'] / 'bad'}")
-    assert proc.returncode != 0 and "train.lr must be positive" in proc.stderr
+    assert proc.returncode != 0 and "train.lr must be a positive finite number" in proc.stderr
     return out
 
 
@@ -134,7 +134,7 @@ def test_report_aggregates_each_sweep_from_the_runs_own_files(sweeps, launcher):
     if launcher == "basic":
         # The failed run is listed apart, as failed, with its error, and is not averaged in.
         assert "Failed or unfinished runs" in proc.stdout and "failed" in proc.stdout
-        assert "train.lr must be positive" in proc.stdout
+        assert "train.lr must be a positive finite number" in proc.stdout
         assert (folder / "bad" / "0" / "failed.json").exists()
         assert not (folder / "bad" / "0" / "metrics.json").exists()
         assert int(table["n"].sum()) == 4
