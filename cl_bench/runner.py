@@ -253,11 +253,14 @@ class Runner:
         return ckpt["progress"]
 
     # ----- divergence guard ---------------------------------------------------------------
-    def _diverged(self, task, where: str, loss: Optional[float] = None) -> None:
+    def _diverged(self, task, where: str, loss: Optional[float] = None, weights: bool = True) -> None:
         """Fail the run when the loss (summed on the device over the epoch, so one NaN or
-        inf step makes it non-finite) or any weight/buffer of the model is not finite."""
+        inf step makes it non-finite) or, with `weights`, any weight/buffer of the model is
+        not finite. Weights are checked after a task's last epoch and after its end-of-task
+        phase (a non-finite weight earlier makes the next epoch's loss non-finite anyway);
+        the per-epoch check is the loss alone, one host sync."""
         t = self.cfg.train
-        bad = nonfinite_tensors(self.strategy.model)
+        bad = nonfinite_tensors(self.strategy.model) if weights else []
         loss_bad = loss is not None and not (math.isfinite(loss) and (t.max_loss <= 0 or loss <= t.max_loss))
         if not (loss_bad or bad):
             return
@@ -294,7 +297,7 @@ class Runner:
                 steps += 1
             loss_sum += epoch_loss
             epoch_mean = (epoch_loss / steps_per_epoch).item()  # the one host sync of the epoch
-            self._diverged(task, f"epoch {epoch}", epoch_mean)
+            self._diverged(task, f"epoch {epoch}", epoch_mean, weights=epoch == cfg.epochs - 1)
             if bar is not None:
                 progress_bar.update(bar, advance=steps_per_epoch, loss=epoch_mean)
         strategy.after_task(task)
