@@ -77,3 +77,26 @@ def run_killed_and_resumed(tmp_path: Path, monkeypatch, overrides, kill_at_task:
     monkeypatch.setattr(Runner, "_train_task", original)
     resumed = Runner(compose_cfg(*overrides), folder).run()
     return reference, resumed
+
+
+def spy_frozen_teacher(monkeypatch, strategy_cls, attribute: str) -> list:
+    """Patch `strategy_cls.train_step` to assert, at every step that has one, that the
+    teacher (`self.<attribute>`, the previous model) is in eval mode and that the step left
+    its state (weights and batch-norm statistics) unchanged. Returns the list of checked steps."""
+    import torch
+
+    original, checked = strategy_cls.train_step, []
+
+    def train_step(self, batch):
+        teacher = getattr(self, attribute)
+        before = None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()}
+        out = original(self, batch)
+        if teacher is not None:
+            assert not teacher.training
+            after = teacher.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            checked.append(1)
+        return out
+
+    monkeypatch.setattr(strategy_cls, "train_step", train_step)
+    return checked

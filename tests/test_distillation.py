@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cl_bench.runner import Runner
 from cl_bench.strategies.distillation import kd_loss, sigmoid_targets
 from cl_bench.strategies.lwf import LwF
-from tests.conftest import compose_cfg, run
+from tests.conftest import compose_cfg, run, spy_frozen_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = ("dataset.max_train_per_class=30", "train.epochs=1", "checkpoint=false", "device.num_threads=1")
@@ -130,19 +130,7 @@ def test_lwf_with_alpha_zero_is_exactly_finetune(scenario, finetune_extra, tmp_p
 
 
 def test_lwf_old_model_is_frozen_in_eval_mode_with_batch_norm(tmp_path, monkeypatch):
-    original, checked = LwF.train_step, []
-
-    def train_step(self, batch):
-        old = self.old_model
-        before = None if old is None else {k: v.clone() for k, v in old.state_dict().items()}
-        out = original(self, batch)
-        if old is not None:
-            assert not old.training
-            assert all(torch.equal(before[k], v) for k, v in old.state_dict().items())
-            checked.append(1)
-        return out
-
-    monkeypatch.setattr(LwF, "train_step", train_step)
+    checked = spy_frozen_teacher(monkeypatch, LwF, "old_model")
     run(tmp_path, "strategy=lwf", "backbone=reduced_resnet18", "backbone.nf=4", "train.optimizer=adamw",
         "train.lr=0.001", "train.weight_decay=0.01", *SMALL)
     assert checked

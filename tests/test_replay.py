@@ -22,7 +22,7 @@ from cl_bench.runner import Runner
 from cl_bench.strategies.bic import BiC
 from cl_bench.strategies.eeil import EEIL
 from cl_bench.strategies.icarl import ICaRL
-from tests.conftest import compose_cfg, run, run_killed_and_resumed
+from tests.conftest import compose_cfg, run, run_killed_and_resumed, spy_frozen_teacher
 
 STRATEGIES = ["er", "gem", "agem", "icarl", "eeil", "bic"]
 PROTOCOL = {"split_digits": ("train.epochs=3",), "split_mnist5k": ("train.epochs=1",)}
@@ -274,21 +274,7 @@ TEACHER_STRATEGIES = {"icarl": ICaRL, "eeil": EEIL, "bic": BiC}
 def test_teacher_is_frozen_in_eval_mode_with_batch_norm(strategy, tmp_path, monkeypatch):
     """The previous model's forward passes must not move its batch-norm running statistics
     (nor its weights): it is the model as it was at the end of the last task."""
-    cls, checked = TEACHER_STRATEGIES[strategy], []
-    original = cls.train_step
-
-    def train_step(self, batch):
-        teacher = self.teacher
-        before = None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()}
-        out = original(self, batch)
-        if teacher is not None:
-            assert not teacher.training
-            after = teacher.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before)
-            checked.append(1)
-        return out
-
-    monkeypatch.setattr(cls, "train_step", train_step)
+    checked = spy_frozen_teacher(monkeypatch, TEACHER_STRATEGIES[strategy], "teacher")
     Runner(compose_cfg(f"strategy={strategy}", *BATCH_NORM, *SMALL), tmp_path / "run").run()
     assert checked
 
