@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -180,4 +181,22 @@ def build(node: DictConfig, where: str, **runtime_kwargs: Any) -> Any:
     return target(**kwargs, **runtime_kwargs)
 
 
-__all__ = ["RunConfig", "TrainConfig", "DeviceConfig", "Scenario", "build", "check_kwargs", "instantiate"]
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no data: a run that fails one is refused before it writes anything."""
+    t = cfg.train
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if t[key] < 1:
+            raise CLBenchError(f"train.{key} must be at least 1, got {t[key]}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise CLBenchError(f"train.lr must be a positive finite number, got {t.lr}")
+    if not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
+        raise CLBenchError(f"train.momentum must be in [0, 1), got {t.momentum}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise CLBenchError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if math.isnan(t.max_loss) or t.max_loss < 0:
+        raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
+    if not 0 <= cfg.seed < 2**32:
+        raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+
+
+__all__ = ["RunConfig", "TrainConfig", "DeviceConfig", "Scenario", "build", "check_kwargs", "preflight", "instantiate"]

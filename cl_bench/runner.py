@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cl_bench
 from cl_bench import CLBenchError
-from cl_bench.config import build
+from cl_bench.config import build, preflight
 from cl_bench.data.stream import Stream, iterate_batches
 from cl_bench.metrics import all_metrics
 from cl_bench.results import atomic_write_bytes, print_summary, write_results
@@ -31,6 +31,7 @@ from cl_bench.strategies.base import Batch, Strategy
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = {"version", "fingerprint", "model", "strategy", "optimizer", "rng", "progress"}
 # Keys that may differ between a run and its resumption without changing its results.
 _RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "objective")
 
@@ -152,7 +153,7 @@ class Runner:
     # ----- building ------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.cfg
-        self._check_train_config()
+        preflight(cfg)
         self.device = resolve_device(cfg.device.name)
         if cfg.device.num_threads > 0:
             torch.set_num_threads(cfg.device.num_threads)
@@ -176,22 +177,6 @@ class Runner:
         # torch imports its compiler stack lazily at the first optimizer construction
         # (seconds); pay that here so task 0's train time measures training.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
-    def _check_train_config(self) -> None:
-        t = self.cfg.train
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if t[key] < 1:
-                raise CLBenchError(f"train.{key} must be at least 1, got {t[key]}")
-        if not (math.isfinite(t.lr) and t.lr > 0):
-            raise CLBenchError(f"train.lr must be a positive finite number, got {t.lr}")
-        if not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
-            raise CLBenchError(f"train.momentum must be in [0, 1), got {t.momentum}")
-        if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
-            raise CLBenchError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
-        if math.isnan(t.max_loss) or t.max_loss < 0:
-            raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
-        if not 0 <= self.cfg.seed < 2**32:
-            raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {self.cfg.seed}")
 
     # ----- checkpoints -----------------------------------------------------------------
     def _rng_state(self) -> dict:
@@ -238,7 +223,9 @@ class Runner:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:
             raise CLBenchError(f"cannot read the checkpoint {path} ({exc}); delete it or pass resume=false") from None
-        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != config_fingerprint(self.cfg):
+        if not (isinstance(ckpt, dict) and _CHECKPOINT_KEYS <= ckpt.keys()):
+            raise CLBenchError(f"{path} is not a clbench checkpoint; delete it or pass resume=false")
+        if ckpt["version"] != CHECKPOINT_VERSION or ckpt["fingerprint"] != config_fingerprint(self.cfg):
             raise CLBenchError(
                 f"the checkpoint in {self.output_dir} was made with a different config; "
                 "use a new run folder or resume=false to start over"
@@ -310,11 +297,19 @@ class Runner:
             "strategy": strategy.summary(),
         }
 
-    def run(self) -> dict:
-        t_start = time.perf_counter()
+    def prepare(self) -> None:
+        """Build everything and read the checkpoint, writing nothing: every error raised
+        here is a refused run that leaves the run folder as it was."""
+        self._t_start = time.perf_counter()
         self.build()
+        self._progress = self._load_checkpoint()
+
+    def run(self) -> dict:
+        if not hasattr(self, "_progress"):
+            self.prepare()
+        t_start = self._t_start
         T = len(self.stream)
-        progress = self._load_checkpoint()
+        progress = self._progress
         if progress is None:
             b, b_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
             progress = {
