@@ -1,20 +1,21 @@
-"""The Hydra application behind `clbench run`."""
+"""The Hydra application behind `clbench run`.
+
+The app never prints errors itself: it raises, and `cl_bench.cli` turns every error into
+one line (`--debug` shows the traceback). What it owns is the run folder's life cycle
+(`cl_bench.rundir`): lock it, refuse without a trace, or claim it and run.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import cl_bench.config  # noqa: F401  (registers the run schema in Hydra's ConfigStore)
+import cl_bench.rundir  # noqa: F401  (registers the ${clbench_run_id:} resolver of the default run folders)
 from cl_bench import CLBenchError
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def _objective(cfg: DictConfig, summary: dict) -> float:
@@ -23,48 +24,96 @@ def _objective(cfg: DictConfig, summary: dict) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _hydra_record(cfg: DictConfig) -> dict[str, str]:
+    """Hydra's `.hydra/` files (config, hydra, overrides), written by the app once the run is accepted."""
+    hc = HydraConfig.get()
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+        "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))),
+    }
+
+
+# The error that ended a single run (a sweep's jobs raise, so that Hydra marks them failed):
+# `cl_bench.cli` prints it in one line, without Hydra's "Error executing job" preamble.
+FAILURES: list[BaseException] = []
+
+
 @hydra.main(version_base="1.3", config_path="pkg://cl_bench.conf", config_name="config")
 def run_app(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _run(cfg, multirun=True)
+    try:
+        return _run(cfg, multirun=False)
+    except Exception as exc:
+        FAILURES.append(exc)
+        return float("nan")
+
+
+def _run(cfg: DictConfig, multirun: bool) -> float:
     from cl_bench import sweep
-    from cl_bench.results import METRIC_LABELS
+    from cl_bench.rundir import RunFolder
+    from cl_bench import runner as runner_module
     from cl_bench.runner import Runner
+
+    RunInterrupted = getattr(runner_module, "RunInterrupted", ())  # TODO(helper)
 
     hc = HydraConfig.get()
     output_dir = cfg.output_dir or hc.runtime.output_dir
     choices = hc.runtime.choices
     names = {k: choices[k] for k in ("strategy", "dataset", "backbone") if choices.get(k)}
-    multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        if cfg.objective not in METRIC_LABELS:
-            raise CLBenchError(f"objective must be one of {', '.join(METRIC_LABELS)}, got {cfg.objective!r}")
-        # In a sweep, a folder with complete results of the same config is not redone.
-        done = sweep.completed_summary(output_dir, cfg) if multirun and cfg.resume else None
-    except CLBenchError as exc:
-        if debug_enabled() or multirun:
-            raise
-        print(f"clbench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if done is not None:
-        print(f"clbench: skipping {output_dir}: it already holds complete results", file=sys.stderr)
-        return _objective(cfg, done)
-    if multirun and cfg.device.num_threads <= 0:
+    if multirun and cfg.device.num_threads is None:
         # Parallel workers share the cores: give each its share of torch threads.
         cfg.device.num_threads = sweep.threads_per_worker(hc.launcher)
-    sweep.clear_failure(output_dir)
+
+    folder = RunFolder(output_dir).open()
     try:
+        # Refusals: nothing below writes into the folder.
         runner = Runner(cfg, output_dir, names=names)
-        summary = runner.run()
-    except CLBenchError as exc:
-        sweep.write_failure(output_dir, exc)
-        # In a sweep, raising lets Hydra record this job as failed and go on with the others.
-        if debug_enabled() or multirun:
-            raise
-        print(f"clbench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:
-        sweep.write_failure(output_dir, exc)
+        runner.prepare()  # the config checks, the data, the model, the checkpoint
+        done = sweep.completed_summary(output_dir, cfg) if cfg.resume else None
+        if done is not None:
+            print(f"clbench: skipping {output_dir}: it already holds complete results of this config",
+                  file=sys.stderr)
+            folder.release()
+            if not multirun:
+                _show(done)
+            return _objective(cfg, done)
+    except BaseException as exc:
+        if multirun and folder.empty and isinstance(exc, Exception):
+            # A new job folder of a sweep: record the failure so that `clbench report` lists it.
+            sweep.write_failure(output_dir, exc)
+            folder.release()
+        else:
+            folder.refuse()
         raise
-    runner.report(summary)
+
+    try:
+        folder.commit(_hydra_record(cfg), start_over=not cfg.resume)
+        summary = runner.run()
+    except RunInterrupted:
+        raise  # resumable: a checkpoint, not a failure
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            try:
+                sweep.write_failure(output_dir, exc)
+            except OSError:
+                pass  # e.g. the disk is full: the error itself is what the user must see
+        raise
+    finally:
+        folder.release()
+    _show(summary)
     return _objective(cfg, summary)
+
+
+def _show(summary: dict) -> None:
+    import numpy as np
+    from rich.console import Console
+
+    from cl_bench.results import print_summary
+
+    R_aware = summary.get("accuracy_matrix_task_aware")
+    print_summary(Console(), summary, np.asarray(summary["accuracy_matrix"], dtype=float),
+                  None if R_aware is None else np.asarray(R_aware, dtype=float))

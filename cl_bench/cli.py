@@ -71,37 +71,86 @@ def unknown_group_option(args: list[str]) -> str | None:
     return None
 
 
-def run_command(args: list[str]) -> int:
-    from cl_bench.app import run_app
+def debug_enabled() -> bool:
+    return os.environ.get("CLBENCH_DEBUG") == "1"
 
+
+def _note_new_folders(args: list[str]) -> None:
+    """Before Hydra creates the run folder: note which folders on its way do not exist yet,
+    so that a refused run removes exactly those again (`cl_bench.rundir`)."""
+    import datetime
+
+    from cl_bench.rundir import note_missing
+
+    paths = [f"outputs/{datetime.datetime.now():%Y-%m-%d}"]
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in ("hydra.run.dir", "output_dir") and value and "${" not in value:
+            paths.append(value.strip("'\""))
+    note_missing(paths)
+
+
+def run_command(args: list[str]) -> int:
     problem = unknown_group_option(args)
+    if problem is None and ("-m" in args or "--multirun" in args):
+        from cl_bench.sweep import check_sweep
+
+        problem = check_sweep(args)
     if problem:
         print(f"clbench: error: {problem}", file=sys.stderr)
         return 2
 
+    from cl_bench.app import FAILURES, run_app
+    from cl_bench import runner
+
+    RunInterrupted = getattr(runner, "RunInterrupted", ())  # TODO(helper): plain import once it exists
+
+    _note_new_folders(args)
     sys.argv = ["clbench run", *args]
-    run_app()
+    # Hydra re-raises instead of printing its own multi-line report; the errors are
+    # condensed to one line below (--debug: the full traceback).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        run_app()
+        if FAILURES:
+            raise FAILURES.pop()
+    except RunInterrupted as exc:
+        print(f"clbench: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print("clbench: interrupted; run the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        from cl_bench.errors import describe
+
+        print(f"clbench: error: {describe(exc, args)}", file=sys.stderr)
+        return 2
     return 0
 
 
 def report_entry(args: list[str]) -> int:
-    from cl_bench import CLBenchError
     from cl_bench.report import report_command
 
     try:
         return report_command(args)
-    except CLBenchError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:
+        if debug_enabled():
             raise
-        print(f"clbench: error: {exc}", file=sys.stderr)
+        from cl_bench.errors import describe
+
+        print(f"clbench: error: {describe(exc)}", file=sys.stderr)
         return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:
-        argv.remove("--debug")
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+    if "--debug" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["CLBENCH_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2

@@ -68,8 +68,8 @@ class TrainConfig:
 class DeviceConfig:
     # cpu, cuda, cuda:N or auto (cuda when available, else cpu)
     name: str = "cpu"
-    # torch intra-op threads; 0 leaves torch's default
-    num_threads: int = 0
+    # torch intra-op threads (>= 1); null leaves torch's default (in a sweep: the worker's share of the cores)
+    num_threads: Optional[int] = None
 
 
 @dataclass
@@ -85,6 +85,10 @@ class RunConfig:
     resume: bool = True
     # Save a checkpoint after each task (needed for resume).
     checkpoint: bool = True
+    # Also checkpoint inside a task: every N epochs ("2epochs"), every N optimizer steps
+    # ("500steps") or when that much wall time passed since the last save ("30min", "90s",
+    # "1h"); empty: only after each task. Parsed by runner.parse_checkpoint_every.
+    checkpoint_every: str = ""
     progress: bool = True
     # Optional output folder; empty means Hydra's run directory.
     output_dir: str = ""
@@ -169,20 +173,52 @@ def _name(target: Any) -> str:
     return getattr(target, "__qualname__", getattr(target, "__name__", str(target)))
 
 
-def build(node: DictConfig, where: str, **runtime_kwargs: Any) -> Any:
-    """Instantiate a `_target_` node after checking its arguments (see `check_kwargs`)."""
+def _target_of(node: DictConfig, where: str) -> Any:
     if node is None or "_target_" not in node:
         raise CLBenchError(f"the {where} config has no _target_")
     try:
-        target = get_object(node["_target_"])
+        return get_object(node["_target_"])
     except Exception:
         raise CLBenchError(f"{where}._target_={node['_target_']!r} cannot be imported") from None
+
+
+def build(node: DictConfig, where: str, **runtime_kwargs: Any) -> Any:
+    """Instantiate a `_target_` node after checking its arguments (see `check_kwargs`)."""
+    target = _target_of(node, where)
     kwargs = check_kwargs(target, node, where, provided=set(runtime_kwargs))
     return target(**kwargs, **runtime_kwargs)
 
 
+# What the runner passes to each group's target itself (`build(..., **runtime_kwargs)`).
+RUNTIME_KWARGS = {"dataset": {"scenario", "seed"}, "backbone": {"input_shape", "num_outputs"}}
+_SCHEMA = {"": RunConfig, "train": TrainConfig, "device": DeviceConfig}
+
+
+def _check_schema_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=...` bypass the typed schema: refuse every key it does not know."""
+    for where, schema in _SCHEMA.items():
+        node = cfg if not where else cfg.get(where)
+        if not isinstance(node, DictConfig):
+            continue
+        known = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(node.keys()) - known)
+        if unknown:
+            name = f"{where}.{unknown[0]}" if where else unknown[0]
+            raise CLBenchError(f"unknown key {name}; valid keys{' of ' + where if where else ''}: {', '.join(sorted(known))}")
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Every check that needs no data: a run that fails one is refused before it writes anything."""
+    """Every check that needs no data: a run that fails one is refused before it writes anything.
+
+    Also run by `clbench run -m` on every job of a sweep before the first one starts.
+    """
+    _check_schema_keys(cfg)
+    for group in ("dataset", "backbone"):
+        check_kwargs(_target_of(cfg[group], group), cfg[group], group, provided=RUNTIME_KWARGS[group])
+    build(cfg.strategy, "strategy")  # its constructor checks its values (e.g. memory_size >= 0)
+    cap = cfg.dataset.get("max_train_per_class")
+    if cap is not None and cap < 1:
+        raise CLBenchError(f"dataset.max_train_per_class must be at least 1 (null: no cap), got {cap}")
     t = cfg.train
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if t[key] < 1:
@@ -197,6 +233,19 @@ def preflight(cfg: DictConfig) -> None:
         raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
     if not 0 <= cfg.seed < 2**32:
         raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    if cfg.device.num_threads is not None and cfg.device.num_threads < 1:
+        raise CLBenchError(
+            f"device.num_threads must be at least 1, got {cfg.device.num_threads} (null: torch's default)"
+        )
+    from cl_bench.results import METRIC_LABELS
+
+    if cfg.objective not in METRIC_LABELS:
+        raise CLBenchError(f"objective must be one of {', '.join(METRIC_LABELS)}, got {cfg.objective!r}")
+    from cl_bench import runner
+
+    runner.resolve_device(cfg.device.name)
+    if hasattr(runner, "parse_checkpoint_every"):
+        runner.parse_checkpoint_every(cfg.checkpoint_every)
 
 
 __all__ = ["RunConfig", "TrainConfig", "DeviceConfig", "Scenario", "build", "check_kwargs", "preflight", "instantiate"]

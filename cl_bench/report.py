@@ -272,6 +272,8 @@ def build_report(
     root: Path, by: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None
 ) -> Report:
     records = find_runs(root)
+    if not records:
+        raise CLBenchError(f"no runs in {root}: no folder under it holds metrics.json, failed.json or .hydra/")
     complete = [r for r in records if r.status == "completed"]
     problems = [r for r in records if r.status != "completed"]
     if metrics:

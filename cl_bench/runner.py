@@ -1,18 +1,46 @@
 """The task loop: train each task in turn, evaluate every task after each one.
 
-Owns seeding, device placement, batching, evaluation, timing and checkpoints. After
-each task the full state (model, strategy, optimizer, RNG states, the matrix so far)
-is saved to `checkpoint.pt` in the run folder, so a killed run started again on the
-same folder continues after the last finished task and ends with the same matrix.
+Owns seeding, device placement, batching, evaluation, timing and checkpoints.
+
+Checkpoints (`checkpoint.pt` in the run folder, one file, always written atomically):
+
+- After each task the full state (model, strategy, optimizer, RNG states, the matrix
+  so far, the time spent) is saved, so a killed run started again on the same folder
+  continues after the last finished task and ends with the same matrix.
+- With `checkpoint_every` (N epochs, N optimizer steps or a wall time) and when a stop
+  signal arrives, the runner also saves *inside* a task. Design: the file keeps the
+  state at the start of the task in progress (the last task boundary, exactly what the
+  between-task checkpoint holds) plus a mid-task snapshot under "mid". A mid-task
+  resume loads the boundary state, reruns the task start (`begin_task`,
+  `before_task`, `training_data`) from it, so whatever a strategy derives from the
+  model at the task start (LwF's teacher, EWC's anchors, SI's start point, PackNet's
+  masks, hooks, ...) is recomputed from the same weights and RNG states as the first
+  time, and then loads the snapshot on top: model, optimizer, all RNG states (the
+  data generator drives the data order and the augmentation), the epoch's
+  permutation and position, the running loss sums, and the strategy state that the
+  task's training steps changed (`capture_task_state`: every tensor, module, optimizer,
+  generator, buffer and plain value among the strategy's attributes, restored in place;
+  a strategy may define `task_state()` / `load_task_state(state)` to do this itself).
+  On the CPU the resumed run ends bit-identical to an uninterrupted one.
+- SIGTERM, SIGUSR1/SIGUSR2 (Slurm, submitit) and SIGINT only set a flag; at the next
+  step boundary (or after the task's evaluation, when the signal came outside the
+  training loop) the runner saves a checkpoint and raises `RunInterrupted`, or, when a
+  Python handler was installed before (e.g. submitit's requeue handler), calls that.
+- `progress["elapsed_s"]` (and the snapshot's) carry the time spent by every process
+  that worked on the run, so the timing in metrics.json covers all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import io
 import math
 import platform
 import random
+import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,16 +52,200 @@ from omegaconf import DictConfig, OmegaConf
 import cl_bench
 from cl_bench import CLBenchError
 from cl_bench.config import build, preflight
-from cl_bench.data.stream import Stream, iterate_batches
+from cl_bench.data.stream import Stream
 from cl_bench.metrics import all_metrics
 from cl_bench.results import atomic_write_bytes, print_summary, write_results
 from cl_bench.strategies.base import Batch, Strategy
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+# 2: "mid" (a mid-task snapshot or None) and progress["elapsed_s"].
+CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = {"version", "fingerprint", "model", "strategy", "optimizer", "rng", "progress"}
 # Keys that may differ between a run and its resumption without changing its results.
-_RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "objective")
+_RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "checkpoint_every", "objective")
+# The signals that stop a run cleanly: Slurm and most schedulers send SIGTERM, submitit
+# SIGUSR1/SIGUSR2 before preemption or the time limit, Ctrl-C is SIGINT.
+# The clock of checkpoint_every's wall-time form (a name of its own so tests can drive it).
+_monotonic = time.monotonic
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
+
+
+class RunInterrupted(Exception):
+    """A stop signal ended the run at a boundary; the checkpoint (if on) lets the same
+    command continue. `exit_code` is 128 + the signal number (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, signum: int, where: str, saved: bool) -> None:
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        self.where = where
+        self.saved = saved
+        tail = (
+            "checkpoint saved: run the same command to continue"
+            if saved
+            else "checkpoint=false, so nothing was saved: the run starts over when run again"
+        )
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name} {where}; {tail}")
+
+
+_EVERY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+_EVERY_UNITS = {
+    "epoch": "epochs", "epochs": "epochs", "step": "steps", "steps": "steps",
+    "s": "seconds", "sec": "seconds", "secs": "seconds", "second": "seconds", "seconds": "seconds",
+    "min": "minutes", "mins": "minutes", "minute": "minutes", "minutes": "minutes", "m": "minutes",
+    "h": "hours", "hour": "hours", "hours": "hours",
+}
+
+
+def parse_checkpoint_every(value: Any) -> Optional[tuple[str, float]]:
+    """`checkpoint_every` as ("epochs" | "steps", N) or ("seconds", S); None when empty
+    (checkpoints only after each task)."""
+    text = "" if value is None else str(value).strip().lower()
+    if text == "":
+        return None
+    match = _EVERY.fullmatch(text)
+    unit = _EVERY_UNITS.get(match.group(2)) if match else None
+    number = float(match.group(1)) if match else 0.0
+    if unit in ("epochs", "steps") and number != int(number):
+        unit = None
+    if unit is None or not (math.isfinite(number) and number > 0):
+        raise CLBenchError(
+            f"checkpoint_every={value!r} is not understood; use N epochs, N steps or a wall time, "
+            "e.g. 2epochs, 500steps, 30min, 90s or 1h (empty: only after each task)"
+        )
+    if unit == "minutes":
+        return "seconds", number * 60
+    if unit == "hours":
+        return "seconds", number * 3600
+    return unit, (int(number) if unit != "seconds" else number)
+
+
+# ----- mid-task strategy state ---------------------------------------------------------------
+# Attributes the runner restores itself (or that hold the data / config, never changed by steps).
+_NOT_TASK_STATE = frozenset({"model", "stream", "optimizer", "train_cfg", "device"})
+_SKIP = object()
+
+
+def _is_data(value: Any) -> bool:
+    from cl_bench.data.stream import Split, Stream, Task
+
+    return isinstance(value, (Split, Stream, Task))
+
+
+def _capture(value: Any, depth: int = 0) -> Any:
+    """A tagged, picklable snapshot of `value` (see `capture_task_state`), or _SKIP."""
+    if depth > 8:
+        return _SKIP
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.detach())
+    if isinstance(value, torch.nn.Module):
+        return ("module", value.state_dict())
+    if isinstance(value, torch.optim.Optimizer):
+        return ("optimizer", value.state_dict())
+    if isinstance(value, torch.Generator):
+        return ("generator", value.get_state())
+    if value is None or isinstance(value, (bool, int, float, str, bytes, np.ndarray, np.generic)):
+        return ("value", value)
+    if isinstance(value, (list, tuple)):
+        items = [_capture(v, depth + 1) for v in value]
+        return _SKIP if any(i is _SKIP for i in items) else ("tuple" if isinstance(value, tuple) else "list", items)
+    if isinstance(value, (set, frozenset)):
+        items = [_capture(v, depth + 1) for v in value]
+        return _SKIP if any(i is _SKIP for i in items) else ("set", items)
+    if isinstance(value, dict):
+        items = {k: _capture(v, depth + 1) for k, v in value.items()}
+        return _SKIP if any(i is _SKIP for i in items.values()) else ("dict", items)
+    if callable(value) or _is_data(value):
+        return _SKIP
+    if callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
+        return ("stateful", value.state_dict())
+    if type(value).__module__.startswith("cl_bench.") and hasattr(value, "__dict__"):
+        fields = {k: _capture(v, depth + 1) for k, v in vars(value).items()}
+        return ("object", {k: v for k, v in fields.items() if v is not _SKIP})
+    return _SKIP
+
+
+@torch.no_grad()
+def _restore(current: Any, snap: tuple, device: torch.device) -> Any:
+    """The value `snap` describes, written into `current` where it can be (tensors copied
+    in place, modules/optimizers/generators loaded), so aliases of it stay aliases."""
+    kind, data = snap
+    if kind == "tensor":
+        if (
+            isinstance(current, torch.Tensor)
+            and current.shape == data.shape
+            and current.dtype == data.dtype
+            and current.device == data.device
+        ):
+            if not torch.equal(current, data):
+                try:
+                    current.copy_(data)
+                except RuntimeError:  # e.g. an expanded view, written through nowhere else
+                    return data.clone()
+            return current
+        return data
+    if kind in ("module", "optimizer", "stateful"):
+        if current is None:
+            raise CLBenchError(
+                f"cannot resume mid-task: the strategy created a {kind} during the task's training "
+                "steps; give the strategy task_state()/load_task_state(), or use checkpoint_every="
+            )
+        current.load_state_dict(data)
+        return current
+    if kind == "generator":
+        current = current if isinstance(current, torch.Generator) else torch.Generator()
+        current.set_state(data.cpu())
+        return current
+    if kind == "value":
+        return data
+    if kind in ("list", "tuple", "set"):
+        old = list(current) if isinstance(current, (list, tuple)) and len(current) == len(data) else [None] * len(data)
+        items = [_restore(c, s, device) for c, s in zip(old, data)]
+        if kind == "list":
+            if isinstance(current, list):
+                current[:] = items
+                return current
+            return items
+        return tuple(items) if kind == "tuple" else set(items)
+    if kind == "dict":
+        old = current if isinstance(current, dict) else {}
+        items = {k: _restore(old.get(k), s, device) for k, s in data.items()}
+        if isinstance(current, dict):
+            current.clear()
+            current.update(items)
+            return current
+        return items
+    if kind == "object":
+        if current is None:
+            raise CLBenchError("cannot resume mid-task: a strategy attribute was created during the task's steps")
+        _restore_attributes(current, data, device)
+        return current
+    raise CLBenchError(f"not a mid-task snapshot entry: {kind!r}")
+
+
+def _restore_attributes(obj: Any, fields: dict, device: torch.device) -> None:
+    for name, snap in fields.items():
+        setattr(obj, name, _restore(getattr(obj, name, None), snap, device))
+
+
+def capture_task_state(strategy: Strategy) -> dict:
+    """The strategy's state as its training steps may have changed it (see the module
+    docstring): `strategy.task_state()` when it defines one, else every attribute that
+    is a tensor, module, optimizer, generator, object with state_dict, plain value or a
+    container of those (functions, data and the runner-owned model/optimizer left out)."""
+    own = getattr(strategy, "task_state", None)
+    if callable(own):
+        return {"own": own()}
+    fields = {k: _capture(v) for k, v in vars(strategy).items() if k not in _NOT_TASK_STATE}
+    return {"fields": {k: v for k, v in fields.items() if v is not _SKIP}}
+
+
+def restore_task_state(strategy: Strategy, state: dict, device: torch.device) -> None:
+    if "own" in state:
+        strategy.load_task_state(state["own"])
+    else:
+        _restore_attributes(strategy, state["fields"], device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +367,7 @@ class Runner:
         cfg = self.cfg
         preflight(cfg)
         self.device = resolve_device(cfg.device.name)
-        if cfg.device.num_threads > 0:
+        if cfg.device.num_threads is not None:
             torch.set_num_threads(cfg.device.num_threads)
         seed_everything(cfg.seed)
         scenario = getattr(cfg.scenario, "value", cfg.scenario)
@@ -193,14 +405,18 @@ class Runner:
     def _set_rng_state(self, state: dict) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        self.data_generator.set_state(state["data"])
+        torch.set_rng_state(state["torch"].cpu())
+        self.data_generator.set_state(state["data"].cpu())
         if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
-    def _save_checkpoint(self, progress: dict) -> None:
+    def _elapsed(self) -> float:
+        """Seconds spent on this run by every process so far (earlier ones up to their last save)."""
+        return self._elapsed_before + (time.perf_counter() - self._t_start)
+
+    def _boundary_state(self, progress: dict) -> dict:
         opt = self.strategy.optimizer
-        ckpt = {
+        return {
             "version": CHECKPOINT_VERSION,
             "fingerprint": config_fingerprint(self.cfg),
             "model": self.strategy.model.state_dict(),
@@ -208,12 +424,64 @@ class Runner:
             "optimizer": opt.state_dict() if opt is not None else None,
             "rng": self._rng_state(),
             "progress": progress,
+            "mid": None,
         }
-        import io
 
+    def _save_checkpoint(self, progress: dict) -> None:
+        """The between-task checkpoint; also the boundary a later mid-task snapshot builds on."""
+        progress["elapsed_s"] = self._elapsed()
+        buf = io.BytesIO()
+        torch.save(self._boundary_state(progress), buf)
+        atomic_write_bytes(self.output_dir / CHECKPOINT, buf.getvalue())
+        self._set_boundary(buf.getvalue())
+
+    def _set_boundary(self, data: Optional[bytes]) -> None:
+        """Keep the serialised state at the start of the next task (a deep copy: training
+        changes the live tensors in place); mid-task saves write it again next to their snapshot."""
+        self._boundary_bytes, self._boundary_cache = data, None
+        self._mark_saved()
+
+    def _mark_saved(self) -> None:
+        self._steps_since_save, self._last_save = 0, _monotonic()
+
+    def _save_mid(self, task, position: dict) -> None:
+        """Write the boundary state plus a snapshot of the task in progress (see the module docstring)."""
+        if self._boundary_cache is None:
+            ckpt = torch.load(io.BytesIO(self._boundary_bytes), map_location="cpu", weights_only=False)
+            self._boundary_cache = {k: ckpt[k] for k in ("model", "strategy", "optimizer", "rng")}
+        strategy, opt = self.strategy, self.strategy.optimizer
+        mid = {
+            "task": task.id,
+            **position,
+            "model": strategy.model.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "strategy": capture_task_state(strategy),
+            "rng": self._rng_state(),
+            "train_s": self._task_train_before + (time.perf_counter() - self._task_t0),
+            "elapsed_s": self._elapsed(),
+        }
+        ckpt = {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": config_fingerprint(self.cfg),
+            **self._boundary_cache,
+            "progress": self._live_progress,
+            "mid": mid,
+        }
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         atomic_write_bytes(self.output_dir / CHECKPOINT, buf.getvalue())
+        self._mark_saved()
+
+    def _load_mid(self, mid: dict) -> None:
+        """Put the mid-task snapshot over the state the rerun task start produced."""
+        strategy = self.strategy
+        restore_task_state(strategy, mid["strategy"], self.device)
+        strategy.model.load_state_dict(mid["model"])
+        if mid["optimizer"] is not None:
+            if strategy.optimizer is None:
+                strategy.optimizer = strategy.make_optimizer(strategy.model.parameters())
+            strategy.optimizer.load_state_dict(mid["optimizer"])
+        self._set_rng_state(mid["rng"])
 
     def _load_checkpoint(self) -> Optional[dict]:
         path = self.output_dir / CHECKPOINT
@@ -237,7 +505,14 @@ class Runner:
             self.strategy.optimizer = self.strategy.make_optimizer(self.strategy.model.parameters())
             self.strategy.optimizer.load_state_dict(ckpt["optimizer"])
         self._set_rng_state(ckpt["rng"])
-        return ckpt["progress"]
+        progress, mid = ckpt["progress"], ckpt.get("mid")
+        if mid is not None and mid["task"] != progress["tasks_done"]:
+            raise CLBenchError(f"{path} is not a clbench checkpoint; delete it or pass resume=false")
+        self._resume_mid = mid
+        self._elapsed_before = float(mid["elapsed_s"] if mid is not None else progress.get("elapsed_s", 0.0))
+        if self.cfg.checkpoint:
+            self._boundary_bytes = path.read_bytes()  # the state at the start of the task in progress
+        return progress
 
     # ----- divergence guard ---------------------------------------------------------------
     def _diverged(self, task, where: str, loss: Optional[float] = None, weights: bool = True) -> None:
@@ -265,28 +540,55 @@ class Runner:
     # ----- the loop --------------------------------------------------------------------
     def _train_task(self, task, progress_bar) -> dict:
         strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
+        mid, self._resume_mid = getattr(self, "_resume_mid", None), None
+        # On a mid-task resume the task start reruns from the boundary state first (see
+        # the module docstring), then the snapshot goes on top.
         strategy.begin_task(task)
         strategy.before_task(task)
         data = strategy.training_data(task)
-        steps_per_epoch = -(-len(data) // cfg.batch_size)
+        n, batch_size = len(data), cfg.batch_size
+        steps_per_epoch = -(-n // batch_size)
+        loss_sum, steps = torch.zeros((), device=self.device), 0
+        first_epoch, first_batch, order, epoch_loss = 0, 0, None, None
+        if mid is not None:
+            self._load_mid(mid)
+            first_epoch, first_batch, order, steps = mid["epoch"], mid["batch"], mid["order"], mid["steps"]
+            loss_sum = mid["loss_sum"].to(self.device)
+            epoch_loss = None if mid["epoch_loss"] is None else mid["epoch_loss"].to(self.device)
         bar = None
         if progress_bar is not None:
-            bar = progress_bar.add_task(f"task {task.id}", total=cfg.epochs * steps_per_epoch, loss=float("nan"))
-        loss_sum, steps = torch.zeros((), device=self.device), 0
-        for epoch in range(cfg.epochs):
+            bar = progress_bar.add_task(
+                f"task {task.id}", total=cfg.epochs * steps_per_epoch, loss=float("nan"),
+                completed=first_epoch * steps_per_epoch + (first_batch if order is not None else 0),
+            )
+        every = self._every
+        for epoch in range(first_epoch, cfg.epochs):
             strategy.set_training(True)
-            epoch_loss = torch.zeros((), device=self.device)
-            for idx in iterate_batches(len(data), cfg.batch_size, self.data_generator, self.device):
+            if order is None:  # a fresh epoch: the same draw as data.stream.iterate_batches
+                order = torch.randperm(n, generator=self.data_generator)
+                first_batch, epoch_loss = 0, torch.zeros((), device=self.device)
+            order_on_device = order.to(self.device)
+            for b in range(first_batch, steps_per_epoch):
+                idx = order_on_device[b * batch_size : (b + 1) * batch_size]
                 raw, y = data.batch(idx, self.device)  # plain indexing when the data is on the device
                 batch = Batch(stream.transform(raw, train=True, generator=self.data_generator), y, raw, task)
                 out = strategy.train_step(batch)
                 epoch_loss += out["loss"]
                 steps += 1
+                if self._watch:  # a stop signal came, or checkpoint_every is set: no cost otherwise
+                    self._step_boundary(task, dict(
+                        epoch=epoch, batch=b + 1, order=order, steps=steps, loss_sum=loss_sum, epoch_loss=epoch_loss,
+                    ))
             loss_sum += epoch_loss
             epoch_mean = (epoch_loss / steps_per_epoch).item()  # the one host sync of the epoch
             self._diverged(task, f"epoch {epoch}", epoch_mean, weights=epoch == cfg.epochs - 1)
             if bar is not None:
-                progress_bar.update(bar, advance=steps_per_epoch, loss=epoch_mean)
+                progress_bar.update(bar, advance=steps_per_epoch - first_batch, loss=epoch_mean)
+            order, first_batch = None, 0
+            if every is not None and every[0] == "epochs" and (epoch + 1) % every[1] == 0:
+                self._save_mid(task, dict(
+                    epoch=epoch + 1, batch=0, order=None, steps=steps, loss_sum=loss_sum, epoch_loss=None,
+                ))
         strategy.after_task(task)
         self._diverged(task, "after the task (the strategy's consolidation)")
         return {
@@ -297,19 +599,79 @@ class Runner:
             "strategy": strategy.summary(),
         }
 
+    # ----- stop signals and mid-task checkpoints ------------------------------------------
+    def _step_boundary(self, task, position: dict) -> None:
+        if self._stop_signal is not None:
+            self._stop(f"in task {task.id}, epoch {position['epoch']} (step {position['steps']})",
+                       lambda: self._save_mid(task, position))
+            return
+        kind, amount = self._every
+        if kind == "steps":
+            self._steps_since_save += 1
+            due = self._steps_since_save >= amount
+        else:
+            due = kind == "seconds" and _monotonic() - self._last_save >= amount
+        if due:
+            self._save_mid(task, position)
+
+    def _stop(self, where: str, save) -> None:
+        """Act on the pending stop signal at a boundary: save (when checkpointing is on and
+        `save` is given; None: the checkpoint was just written), then hand the signal to
+        the handler installed before ours, or raise RunInterrupted."""
+        signum, frame = self._stop_signal, self._stop_frame
+        if self.cfg.checkpoint and save is not None:
+            save()
+        self._stop_signal, self._stop_frame, self._watch = None, None, self._every is not None
+        previous = self._previous_handlers.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # e.g. submitit: requeue the job and exit; if it returns, go on
+            return
+        raise RunInterrupted(signum, where, saved=bool(self.cfg.checkpoint))
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (checkpoint writes are atomic)
+        self._stop_signal, self._stop_frame, self._watch = signum, frame, True
+
+    def _install_signal_handlers(self) -> None:
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:
+                continue  # the launcher asked for this signal to be ignored (e.g. SIGINT under nohup &)
+            self._previous_handlers[sig] = previous
+            signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous_handlers = {}
+
+    # ----- the run ------------------------------------------------------------------------
     def prepare(self) -> None:
         """Build everything and read the checkpoint, writing nothing: every error raised
         here is a refused run that leaves the run folder as it was."""
         self._t_start = time.perf_counter()
+        self._every = parse_checkpoint_every(self.cfg.get("checkpoint_every", "")) if self.cfg.checkpoint else None
+        self._watch = self._every is not None
+        self._stop_signal = self._stop_frame = None
+        self._previous_handlers: dict = {}
+        self._resume_mid: Optional[dict] = None
+        self._elapsed_before = 0.0
+        self._boundary_bytes: Optional[bytes] = None
+        self._boundary_cache: Optional[dict] = None
+        self._mark_saved()
         self.build()
         self._progress = self._load_checkpoint()
 
     def run(self) -> dict:
         if not hasattr(self, "_progress"):
             self.prepare()
-        t_start = self._t_start
         T = len(self.stream)
         progress = self._progress
+        mid = self._resume_mid
         if progress is None:
             b, b_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
             progress = {
@@ -323,34 +685,64 @@ class Runner:
                 "train_log": [],
                 "warnings": [],
             }
-        elif progress["tasks_done"] > 0:
-            self.console.print(f"resuming from {self.output_dir / CHECKPOINT}: {progress['tasks_done']}/{T} tasks done")
+        elif progress["tasks_done"] > 0 or mid is not None:
+            at = f"; task {mid['task']} continues at epoch {mid['epoch']}, step {mid['steps']}" if mid else ""
+            self.console.print(
+                f"resuming from {self.output_dir / CHECKPOINT}: {progress['tasks_done']}/{T} tasks done{at}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+        if progress["tasks_done"] == T:
+            stored = self._stored_summary(progress)
+            if stored is not None:  # a finished run: report it, rewrite nothing
+                return stored
+        self._live_progress = progress
 
-        bar_ctx = self._progress_bar()
-        with bar_ctx as bar:
-            for task in self.stream.tasks[progress["tasks_done"] :]:
-                self._sync()
-                t0 = time.perf_counter()
-                log = self._train_task(task, bar)
-                self._sync()
-                t1 = time.perf_counter()
-                acc, acc_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
-                t2 = time.perf_counter()
-                progress["R"][task.id], progress["R_aware"][task.id] = acc, acc_aware
-                progress["train_s"].append(t1 - t0)
-                progress["eval_s"].append(t2 - t1)
-                progress["train_log"].append(log)
-                progress["tasks_done"] = task.id + 1
-                self._log_warnings(progress)
-                self._save_artifacts(task)
-                if self.cfg.checkpoint:
-                    self._save_checkpoint(progress)
+        self._install_signal_handlers()
+        try:
+            with self._progress_bar() as bar:
+                for task in self.stream.tasks[progress["tasks_done"] :]:
+                    if self.cfg.checkpoint and self._boundary_bytes is None:
+                        # The first task of a fresh run: keep its start state for mid-task saves.
+                        buf = io.BytesIO()
+                        torch.save(self._boundary_state(progress), buf)
+                        self._set_boundary(buf.getvalue())
+                    mid = self._resume_mid
+                    self._task_train_before = float(mid["train_s"]) if mid is not None else 0.0
+                    self._sync()
+                    t0 = self._task_t0 = time.perf_counter()
+                    log = self._train_task(task, bar)
+                    self._sync()
+                    t1 = time.perf_counter()
+                    acc, acc_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
+                    t2 = time.perf_counter()
+                    progress["R"][task.id], progress["R_aware"][task.id] = acc, acc_aware
+                    progress["train_s"].append(self._task_train_before + (t1 - t0))
+                    progress["eval_s"].append(t2 - t1)
+                    progress["train_log"].append(log)
+                    progress["tasks_done"] = task.id + 1
+                    self._log_warnings(progress)
+                    self._save_artifacts(task)
+                    if self.cfg.checkpoint:
+                        self._save_checkpoint(progress)
+                    if self._stop_signal is not None and task.id + 1 < T:
+                        self._stop(f"after task {task.id}", save=None)  # saved just above
+        finally:
+            self._restore_signal_handlers()
 
-        summary = self._summary(progress, time.perf_counter() - t_start)
+        summary = self._summary(progress, self._elapsed())
         R = progress["R"]
         R_aware = progress["R_aware"] if self.stream.scenario == "class_il" else None
         write_results(self.output_dir, summary, R, R_aware)
         return summary
+
+    def _stored_summary(self, progress: dict) -> Optional[dict]:
+        """metrics.json of this finished run (the matrix the checkpoint holds), else None."""
+        try:
+            summary = json.loads((self.output_dir / "metrics.json").read_text(encoding="utf-8"))
+            stored = np.asarray(summary["accuracy_matrix"], dtype=float)
+        except Exception:
+            return None  # missing or unreadable: written again from the checkpoint
+        return summary if np.array_equal(stored, progress["R"]) else None
 
     def _log_warnings(self, progress: dict) -> None:
         """Print each new strategy warning once and keep it (checkpointed) for metrics.json."""

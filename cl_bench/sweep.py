@@ -100,3 +100,57 @@ def threads_per_worker(launcher: Any, cores: Optional[int] = None) -> int:
     if cpus:  # submitit: the cores each job was given
         return max(1, min(int(cpus), cores))
     return max(1, cores // parallel_workers(launcher, cores))
+
+
+# Beyond this many jobs, `check_sweep` varies one swept key at a time instead of composing
+# every combination.
+_MAX_CHECKED_COMBINATIONS = 64
+
+
+def check_sweep(args: list[str]) -> Optional[str]:
+    """The first problem of any job of the sweep `args` (`clbench run -m ...`), found by
+    composing each job's config and running the up-front checks, before any job starts;
+    None when every job passes. Sweeps Hydra cannot expand here (a sweeper's search space
+    such as Optuna's `interval(...)`) are checked at their first value only; a sweep over
+    a user's own config folder (`--config-dir`) is left to the jobs."""
+    import itertools
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cl_bench.config import preflight
+    from cl_bench.errors import describe
+
+    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")) for a in args):
+        return None
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        return describe(exc, args)
+    choices: list[list[str]] = []
+    for text, override in zip(overrides, parsed):
+        values = [text]
+        if override.is_sweep_override():
+            try:
+                values = [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
+            except Exception:  # a search space (interval, tag): its bounds are the sweeper's business
+                continue
+        choices.append(values)
+    combos = list(itertools.islice(itertools.product(*choices), _MAX_CHECKED_COMBINATIONS + 1))
+    if len(combos) > _MAX_CHECKED_COMBINATIONS:  # each value of each key once, the others at their first
+        first = [c[0] for c in choices]
+        combos = [tuple(first[:i] + [v] + first[i + 1 :]) for i, c in enumerate(choices) for v in c]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="cl_bench.conf", version_base="1.3"):
+            for combo in combos:
+                try:
+                    preflight(compose("config", overrides=list(combo)))
+                except Exception as exc:
+                    job = " ".join(o for o, c in zip(combo, choices) if len(c) > 1) or " ".join(combo)
+                    return f"{describe(exc, list(combo))} (in the sweep job {job}); no job was started"
+    finally:
+        GlobalHydra.instance().clear()
+    return None

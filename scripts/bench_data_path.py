@@ -112,7 +112,7 @@ def main() -> None:
     if cfg.train.optimizer.value != "sgd" or cfg.train.momentum or cfg.train.weight_decay:
         raise SystemExit("the bare loop is plain SGD: use train.optimizer=sgd without momentum or weight decay")
     device = resolve_device(cfg.device.name)
-    if cfg.device.num_threads > 0:
+    if cfg.device.num_threads is not None:
         torch.set_num_threads(cfg.device.num_threads)
     stream = build(cfg.dataset, "dataset", scenario=cfg.scenario.value, seed=cfg.seed).to(device)
     bare_loop(cfg, stream, device, clock)  # warm-up: allocator, lazy imports, kernels

@@ -267,10 +267,10 @@ def iterate_batches(
 
 def cap_per_class(split: Split, max_per_class: Optional[int]) -> Split:
     """Keep the first `max_per_class` samples of each class (all when None)."""
-    if not max_per_class:
+    if max_per_class is None:
         return split
     if max_per_class < 1:
-        raise CLBenchError(f"dataset.max_train_per_class must be positive, got {max_per_class}")
+        raise CLBenchError(f"dataset.max_train_per_class must be at least 1 (null: no cap), got {max_per_class}")
     keep = torch.cat(
         [torch.nonzero(split.y == c).flatten()[:max_per_class] for c in split.y.unique()]
     ).sort().values

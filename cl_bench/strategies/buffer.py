@@ -25,6 +25,8 @@ augmentation of replayed samples, features for herding, and the memory facts tha
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -77,12 +79,21 @@ class MemoryBuffer:
         self.y = self.task = self.rank = torch.empty(0, dtype=torch.long)
 
     # ----- storage -----------------------------------------------------------------
-    def _allocate(self, like: torch.Tensor) -> None:
-        if self.x is None:
-            self.x = like.new_zeros((self.capacity, *like.shape[1:]))
-            self.y, self.task, self.rank = (
-                torch.zeros(self.capacity, dtype=torch.long, device=like.device) for _ in range(3)
-            )
+    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+        """Storage for at least min(capacity, needed) samples like `like`, grown by doubling:
+        a memory larger than what a run can ever offer it (e.g. memory_size=10**12) holds
+        everything it is offered instead of failing to allocate `capacity` rows up front."""
+        rows = min(self.capacity, needed)
+        if self.x is not None and len(self.x) >= rows:
+            return
+        if self.x is not None:
+            rows = min(self.capacity, max(rows, 2 * len(self.x)))
+        x = like.new_zeros((rows, *like.shape[1:]))
+        y, task, rank = (torch.zeros(rows, dtype=torch.long, device=like.device) for _ in range(3))
+        if self.x is not None:
+            n = len(self.x)
+            x[:n], y[:n], task[:n], rank[:n] = self.x, self.y, self.task, self.rank
+        self.x, self.y, self.task, self.rank = x, y, task, rank
 
     def __len__(self) -> int:
         return self.size
@@ -91,7 +102,7 @@ class MemoryBuffer:
     def nbytes(self) -> int:
         if self.x is None:
             return 0
-        per_slot = self.x[0].numel() * self.x.element_size() + 3 * self.y.element_size()
+        per_slot = math.prod(self.x.shape[1:]) * self.x.element_size() + 3 * self.y.element_size()
         return self.size * per_slot
 
     def split(self, index: Optional[torch.Tensor] = None) -> Split:
@@ -125,7 +136,7 @@ class MemoryBuffer:
         """Offer a batch to the reservoir (Algorithm R, vectorised over the batch)."""
         if self.capacity == 0 or len(y) == 0:
             return
-        self._allocate(x)
+        self._reserve(x, self.seen + len(y))
         n = self.seen + torch.arange(len(y), dtype=torch.float64)
         draws = (torch.rand(len(y), generator=generator, dtype=torch.float64) * (n + 1)).floor().long()
         slots = torch.where(n < self.capacity, n.long(), draws)
@@ -133,7 +144,7 @@ class MemoryBuffer:
         keep = slots < self.capacity
         slots, source = slots[keep], source[keep]
         # Within one batch, a later sample overwrites an earlier one in the same slot.
-        last = torch.full((self.capacity,), -1, dtype=torch.long).scatter_reduce(0, slots, source, "amax")
+        last = torch.full((len(self.x),), -1, dtype=torch.long).scatter_reduce(0, slots, source, "amax")
         wins = last[slots] == source
         slots, source = slots[wins].to(self.y.device), source[wins].to(self.y.device)
         self.x[slots], self.y[slots] = x[source], y[source]
@@ -156,7 +167,7 @@ class MemoryBuffer:
         """
         if self.capacity == 0:
             return
-        self._allocate(x)
+        self._reserve(x, self.size)
         labels = y.unique().tolist()
         self.groups |= set(labels) if self.balance == "class" else {task_id}
         quota = self.capacity // len(self.groups)
@@ -173,6 +184,7 @@ class MemoryBuffer:
             new_idx, new_rank = torch.cat(orders)[keep], torch.arange(min(quota, len(pos)), device=y.device)
         kept = [t[old_keep].clone() for t in (self.x, self.y, self.task, self.rank)]
         n_old, n_new = len(old_keep), len(new_idx)
+        self._reserve(x, n_old + n_new)
         self.x[:n_old], self.y[:n_old], self.task[:n_old], self.rank[:n_old] = kept
         self.x[n_old : n_old + n_new], self.y[n_old : n_old + n_new] = x[new_idx], y[new_idx]
         self.task[n_old : n_old + n_new], self.rank[n_old : n_old + n_new] = task_id, new_rank
@@ -203,7 +215,7 @@ class MemoryBuffer:
             self.x = state["x"].new_zeros(state["shape"])
             device = state["x"].device
             self.y, self.task, self.rank = (
-                torch.zeros(self.capacity, dtype=torch.long, device=device) for _ in range(3)
+                torch.zeros(state["shape"][0], dtype=torch.long, device=device) for _ in range(3)
             )
             n = self.size
             self.x[:n], self.y[:n], self.task[:n], self.rank[:n] = state["x"], state["y"], state["task"], state["rank"]
