@@ -54,7 +54,7 @@ def run_app(cfg: DictConfig) -> float:
 
 def _run(cfg: DictConfig, multirun: bool) -> float:
     from cl_bench import sweep
-    from cl_bench.rundir import RunFolder
+    from cl_bench.rundir import RunFolder, created_chain, remove_chain
     from cl_bench import runner as runner_module
     from cl_bench.runner import Runner
 
@@ -62,6 +62,8 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
 
     hc = HydraConfig.get()
     output_dir = cfg.output_dir or hc.runtime.output_dir
+    if cfg.output_dir:  # Hydra made its own (unused, empty) run folder: take it away again
+        remove_chain(created_chain(hc.runtime.output_dir))
     choices = hc.runtime.choices
     names = {k: choices[k] for k in ("strategy", "dataset", "backbone") if choices.get(k)}
     if multirun and cfg.device.num_threads is None:

@@ -52,6 +52,41 @@ def list_command() -> int:
     return 0
 
 
+def quiet_parse(parser, args: list[str]):
+    """argparse, but a usage error becomes one line (argparse prints the usage and exits)."""
+    import contextlib
+    import io
+
+    from cl_bench import CLBenchError
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(args)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        raise CLBenchError((lines[-1] if lines else "bad arguments").split("error: ", 1)[-1]) from None
+
+
+def override_problem(args: list[str]) -> str | None:
+    """Overrides Hydra would take silently in a way the user did not mean: a key given twice
+    (the last one wins) or an empty run folder (the current folder)."""
+    seen: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        key = key.lstrip("+~")
+        if key in seen:
+            return f"{key} is given twice ({seen[key]!r} and {value!r}); give it once"
+        seen[key] = value
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and not value.strip("'\" "):
+            return f"{key} is empty; give a folder (or leave it out for a new one under outputs/)"
+    return None
+
+
 def unknown_group_option(args: list[str]) -> str | None:
     """One line for the commonest mistake, an unknown option of a config group
     (`strategy=ewcc`), before Hydra composes anything; None when every choice exists.
@@ -68,6 +103,21 @@ def unknown_group_option(args: list[str]) -> str | None:
                     f"unknown {key} {choice!r}; choose one of: {', '.join(options[key])} "
                     f"(`clbench list` describes them)"
                 )
+    return None
+
+
+def hydra_usage_problem(args: list[str]) -> str | None:
+    """Hydra's own command-line flags (`--cfg`, `-m`, ...) checked with its own parser, in one line."""
+    from hydra._internal.utils import get_args_parser
+
+    from cl_bench import CLBenchError
+
+    parser = get_args_parser()
+    parser.prog = "clbench run"
+    try:
+        quiet_parse(parser, args)
+    except CLBenchError as exc:
+        return str(exc)
     return None
 
 
@@ -91,7 +141,7 @@ def _note_new_folders(args: list[str]) -> None:
 
 
 def run_command(args: list[str]) -> int:
-    problem = unknown_group_option(args)
+    problem = override_problem(args) or hydra_usage_problem(args) or unknown_group_option(args)
     if problem is None and ("-m" in args or "--multirun" in args):
         from cl_bench.sweep import check_sweep
 

@@ -463,7 +463,9 @@ def report_command(args: list[str]) -> int:
                         help=f"comma-separated outputs among: {', '.join(FORMATS)}")
     parser.add_argument("--out", default="", help="folder for report.csv/.md/.tex and plots (default: PATH/report)")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
-    ns = parser.parse_args(args)
+    from cl_bench.cli import quiet_parse
+
+    ns = quiet_parse(parser, args)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     formats = split(ns.format)
     bad = [f for f in formats if f not in FORMATS]

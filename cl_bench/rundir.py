@@ -71,6 +71,31 @@ def _register_resolver() -> None:
 _register_resolver()
 
 
+def created_chain(path: Path) -> list[Path]:
+    """`path` and the folders above it that this run created and that hold nothing else
+    (deepest first): what a refused run removes again."""
+    chain: list[Path] = []
+    child = None
+    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
+        try:
+            entries = {p.name for p in folder.iterdir()} if folder.exists() else set()
+        except OSError:
+            break
+        if not (created_here(folder) and entries <= {child}):
+            break
+        chain.append(folder)
+        child = folder.name
+    return chain
+
+
+def remove_chain(chain: list[Path]) -> None:
+    for folder in chain:  # deepest first; rmdir removes only empty folders
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -101,19 +126,7 @@ class RunFolder:
         return self
 
     def _note_created_dirs(self) -> None:
-        """The folders on the way to `path` that did not exist, or that Hydra made moments
-        ago in this process (empty, created after it started): `refuse` removes them."""
-        created, child = [], None
-        for folder in (self.path.absolute(), *self.path.absolute().parents):
-            try:
-                entries = {p.name for p in folder.iterdir()} if folder.exists() else set()
-            except OSError:
-                break
-            if not (created_here(folder) and entries <= {child}):
-                break
-            created.append(folder)
-            child = folder.name
-        self._created_dirs = created
+        self._created_dirs = created_chain(self.path)
 
     @property
     def empty(self) -> bool:
@@ -176,11 +189,7 @@ class RunFolder:
         self._remove_created()
 
     def _remove_created(self) -> None:
-        for folder in self._created_dirs:  # deepest first
-            try:
-                folder.rmdir()  # only when empty
-            except OSError:
-                break
+        remove_chain(self._created_dirs)
 
     # ----- claiming -----------------------------------------------------------------------
     def commit(self, record: dict, start_over: bool = False) -> None:

@@ -59,6 +59,21 @@ BAD_RUNS = [
     (["eval_split=val"], ["eval_split=val needs a validation split", "val_fraction"]),
     (["checkpoint_every=banana"], ["checkpoint_every"]),
     (["dataset=split_mnist", "dataset.root=EMPTY", "dataset.download=false"], ["EMPTY"]),
+    (["dataset.num_tasks=3"], ["dataset.num_tasks=3 does not divide the 10 classes"]),
+    (["dataset.val_fraction=1.5"], ["dataset.val_fraction must be in [0, 1)"]),
+    (["backbone.hidden_sizes=[0]"], ["backbone.hidden_sizes must be positive integers"]),
+    (["strategy=lwf", "strategy.temperature=0"], ["strategy.temperature must be positive"]),
+    (["strategy=hat", "strategy.smax=1"], ["unknown key strategy.smax", "s_max"]),
+    (["strategy=icarl", "scenario=domain_il"], ["does not support scenario=domain_il"]),
+    (["strategy._target_=nowhere.Mine"], ["strategy._target_='nowhere.Mine' cannot be imported"]),
+    (["train.lr=${oops}"], ["oops"]),
+    (["hydra/launcher=nope"], ["hydra/launcher/nope", "joblib"]),
+    # silently taken before: the last of two values, the current folder for an empty one
+    (["train.lr=0.05", "train.lr=0.1"], ["train.lr is given twice"]),
+    (["hydra.run.dir="], ["hydra.run.dir is empty"]),
+    # Hydra's own flags
+    (["--cfg", "foo"], ["--cfg", "job"]),
+    (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
 ]
 
 
@@ -98,9 +113,12 @@ def test_bad_run_input_is_one_line_and_leaves_the_folder_as_it_was(args, phrases
     before = snapshot(folder)
     args = [a.replace("EMPTY", str(tmp_path / "no_data")) for a in args]
     phrases = [p.replace("EMPTY", str(tmp_path / "no_data")) for p in phrases]
-    proc = clbench("run", *SMOKE, *args, f"hydra.run.dir={folder}", cwd=tmp_path)
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args.append(f"hydra.run.dir={folder}")
+    proc = clbench("run", *SMOKE, *args, cwd=tmp_path)
     assert_one_line(proc, *phrases)
     assert snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing made next to it either
 
 
 @pytest.mark.parametrize("args", [["train.lr=-1"], ["dataset=split_mnist", "dataset.download=false"], ["device.num_threads=0"]])
