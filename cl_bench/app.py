@@ -44,7 +44,12 @@ def run_app(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return _run(cfg, multirun=True)
+        try:
+            return _run(cfg, multirun=True)
+        except Exception as exc:
+            hc = HydraConfig.get()
+            exc.clbench_job = f"sweep job {hc.job.num} ({' '.join(hc.overrides.task)})"
+            raise
     try:
         return _run(cfg, multirun=False)
     except Exception as exc:

@@ -160,6 +160,8 @@ def run_command(args: list[str]) -> int:
     # Hydra re-raises instead of printing its own multi-line report; the errors are
     # condensed to one line below (--debug: the full traceback).
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    stderr = sys.stderr
+    sys.stderr = _WithoutHydraPreamble(stderr)
     try:
         run_app()
         if FAILURES:
@@ -177,9 +179,28 @@ def run_command(args: list[str]) -> int:
             raise
         from cl_bench.errors import describe
 
-        print(f"clbench: error: {describe(exc, args)}", file=sys.stderr)
+        job = getattr(exc, "clbench_job", None)
+        print(f"clbench: error: {describe(exc, args)}" + (f" [{job}]" if job else ""), file=sys.stderr)
         return 2
+    finally:
+        sys.stderr = stderr
     return 0
+
+
+class _WithoutHydraPreamble:
+    """stderr without the "Error executing job with overrides: [...]" line Hydra writes
+    before re-raising a failed sweep job (clbench's one line names the job)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Error executing job with overrides:"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def report_entry(args: list[str]) -> int:
