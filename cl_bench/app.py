@@ -14,8 +14,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import cl_bench.config  # noqa: F401  (registers the run schema in Hydra's ConfigStore)
-import cl_bench.rundir  # noqa: F401  (registers the ${clbench_run_id:} resolver of the default run folders)
-from cl_bench import CLBenchError
 
 
 def _objective(cfg: DictConfig, summary: dict) -> float:
@@ -60,10 +58,7 @@ def run_app(cfg: DictConfig) -> float:
 def _run(cfg: DictConfig, multirun: bool) -> float:
     from cl_bench import sweep
     from cl_bench.rundir import RunFolder, created_chain, remove_chain
-    from cl_bench import runner as runner_module
-    from cl_bench.runner import Runner
-
-    RunInterrupted = getattr(runner_module, "RunInterrupted", ())  # TODO(helper)
+    from cl_bench.runner import Runner, RunInterrupted
 
     hc = HydraConfig.get()
     output_dir = cfg.output_dir or hc.runtime.output_dir

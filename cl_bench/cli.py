@@ -151,9 +151,7 @@ def run_command(args: list[str]) -> int:
         return 2
 
     from cl_bench.app import FAILURES, run_app
-    from cl_bench import runner
-
-    RunInterrupted = getattr(runner, "RunInterrupted", ())  # TODO(helper): plain import once it exists
+    from cl_bench.runner import RunInterrupted
 
     _note_new_folders(args)
     sys.argv = ["clbench run", *args]

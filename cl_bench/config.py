@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cl_bench import CLBenchError
+from cl_bench import rundir  # noqa: F401  (registers ${clbench_run_id:}, used by conf/config.yaml's run folders)
 
 
 class Scenario(str, enum.Enum):

@@ -63,12 +63,6 @@ def test_bad_training_values_are_refused_before_training(override, phrase, tmp_p
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_bad_value_through_the_cli_is_one_line(tmp_path):
-    folder = tmp_path / "run"
-    proc = clbench("run", "train.lr=nan", f"hydra.run.dir={folder}", cwd=tmp_path)
-    assert_failed_cleanly(proc, folder, "train.lr must be a positive finite number, got nan")
-
-
 def _poison_after_task(monkeypatch, strategy_cls, task_id: int, value: float) -> None:
     original = strategy_cls.after_task
 
