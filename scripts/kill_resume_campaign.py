@@ -1,8 +1,9 @@
 """Kill-and-resume campaign: SIGKILL `clbench run` at random moments, rerun it, compare.
 
 For each trial a strategy and a `checkpoint_every` are drawn, the run is started as a
-real process (the `clbench run` a user types), killed with SIGKILL after a random delay
-(before training, between tasks or mid-epoch), then run again with the same command
+real process (the `clbench run` a user types), killed with SIGKILL at a random moment
+of its work (drawn once it has claimed its run folder: before the first checkpoint,
+between tasks or mid-epoch), then run again with the same command
 until it completes. The finished folder's accuracy matrices must be byte-identical to
 those of an uninterrupted reference run of the same config, and the final weights (the
 model in the last checkpoint) bit-identical.
@@ -28,8 +29,7 @@ import torch
 
 STRATEGIES = ("finetune", "ewc", "si", "er", "lwf", "icarl", "hat", "packnet")
 EVERY = ("1steps", "1epochs", "3steps", "")
-COMMON = ("dataset=split_digits", "train.epochs=3", "train.batch_size=16",
-          "progress=false", "device.num_threads=1", "seed=0")
+COMMON = ("dataset=split_digits", "train.batch_size=16", "progress=false", "device.num_threads=1", "seed=0")
 FILES = ("accuracy_matrix.csv", "accuracy_matrix_task_aware.csv")
 
 
@@ -45,9 +45,25 @@ def scenario_of(strategy: str) -> str:
     return next(s for s in ("class_il", "task_il", "domain_il") if s in scenarios)
 
 
+EPOCHS = 3
+
+
 def command(strategy: str, scenario: str, folder: Path, every: str) -> list[str]:
     return [sys.executable, "-m", "cl_bench.cli", "run", f"strategy={strategy}", f"scenario={scenario}", *COMMON,
-            f"checkpoint_every={every}", f"hydra.run.dir={folder}"]
+            f"train.epochs={EPOCHS}", f"checkpoint_every={every}", f"hydra.run.dir={folder}"]
+
+
+def wait_until_claimed(proc: subprocess.Popen, folder: Path) -> None:
+    """Until the run has locked its folder and accepted the config (its pid in the lock file):
+    the kill moments are then drawn over the run's work, not over the start-up."""
+    lock = folder / ".clbench.lock"
+    while proc.poll() is None:
+        try:
+            if lock.read_text().strip() == str(proc.pid):
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
 
 
 def env() -> dict:
@@ -92,7 +108,9 @@ def main() -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     parser.add_argument("--root", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per task (longer runs: more mid-task kills)")
     args = parser.parse_args()
+    globals()["EPOCHS"] = args.epochs
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
     strategies = args.strategies.split(",")
@@ -114,11 +132,12 @@ def main() -> int:
     for trial in range(args.kills):
         strategy = strategies[trial % len(strategies)]
         every = EVERY[rng.randrange(len(EVERY))]
-        startup, work = durations[strategy]
-        delay = startup + rng.uniform(0.0, work)
+        _, work = durations[strategy]
+        delay = rng.uniform(0.0, work)
         folder = root / f"trial{trial:02d}_{strategy}"
         cmd = command(strategy, scenarios[strategy], folder, every)
         proc = subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_claimed(proc, folder)
         try:
             proc.wait(timeout=delay)
             killed = False  # it finished before the kill
@@ -132,11 +151,11 @@ def main() -> int:
         identical += ok
         label = every or '""'
         rows.append((trial, strategy, label, delay, at_kill, resume_s, "yes" if ok else "NO"))
-        print(f"{trial:>3}  {strategy:<9} {label:<8} kill@{delay:5.2f}s  {at_kill:<24} "
+        print(f"{trial:>3}  {strategy:<9} {label:<8} kill@+{delay:5.2f}s  {at_kill:<24} "
               f"resume {resume_s:5.1f}s  identical: {'yes' if ok else 'NO'}", flush=True)
 
     print()
-    print("| # | strategy | checkpoint_every | SIGKILL after | checkpoint at the kill | resume | byte-identical |")
+    print("| # | strategy | checkpoint_every | SIGKILL after the run claimed its folder | checkpoint at the kill | resume | byte-identical |")
     print("|---|---|---|---|---|---|---|")
     for trial, strategy, every, delay, at_kill, resume_s, ok in rows:
         print(f"| {trial} | {strategy} | {every} | {delay:.2f} s | {at_kill} | {resume_s:.1f} s | {ok} |")
