@@ -232,3 +232,15 @@ def test_a_bad_value_in_a_sweep_is_caught_before_any_job_starts(args, phrases, t
     proc = clbench("run", "-m", *SMOKE, *args, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert_one_line(proc, *phrases)
     assert not sweep_dir.exists()
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("_target_: cl_bench.strategies.ewc.EWC\newc_lambda: [1, 2\n", "line 3"),
+    ("_target_: cl_bench.strategies.ewc.EWC\n  ewc_lambda: 3\n", "line 2: mapping values are not allowed"),
+])
+def test_bad_yaml_in_a_users_config_folder_names_the_file_and_line(text, phrase, tmp_path):
+    (tmp_path / "mycfg" / "strategy").mkdir(parents=True)
+    (tmp_path / "mycfg" / "strategy" / "mine.yaml").write_text(text)
+    proc = clbench("run", "--config-dir", str(tmp_path / "mycfg"), "strategy=mine", *SMOKE, cwd=tmp_path)
+    assert_one_line(proc, "cannot parse", str(tmp_path / "mycfg" / "strategy" / "mine.yaml"), phrase)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mycfg"]

@@ -124,6 +124,27 @@ def test_state_dict_round_trip_and_memory_accounting():
     assert other.summary()["exemplars"] == 30 and other.summary()["bytes"] == buf.nbytes
 
 
+@pytest.mark.parametrize("balance, selection", [("none", "reservoir"), ("class", "random"), ("task", "random")])
+def test_a_memory_larger_than_the_stream_keeps_everything_and_allocates_only_that(balance, selection):
+    """memory_size=10**12 does what it says (every sample offered is kept) instead of
+    failing to allocate 10**12 slots; the results equal those of a memory just big enough."""
+    huge, exact = (MemoryBuffer(n, balance, selection) for n in (10**12, 160))
+    for buf in (huge, exact):
+        g = torch.Generator().manual_seed(0)
+        for task_id, classes in enumerate(([0, 1], [2, 3])):
+            x, y = fake_task(classes, per_class=40)
+            if balance == "none":
+                for i in range(0, len(y), 16):  # batches offered online, as ER does
+                    buf.add_reservoir(x[i : i + 16], y[i : i + 16], task_id, g)
+            else:
+                buf.update(x, y, task_id, g)
+    assert len(huge) == len(exact) == 160 and len(huge.x) <= 2 * 160
+    assert torch.equal(huge.x[:160], exact.x[:160]) and torch.equal(huge.y[:160], exact.y[:160])
+    restored = MemoryBuffer(10**12, balance, selection)
+    restored.load_state_dict(huge.state_dict())
+    assert torch.equal(restored.x[: len(restored)], huge.x[:160])
+
+
 def test_zero_capacity_stores_nothing():
     buf, g = MemoryBuffer(0, "none", "reservoir"), torch.Generator().manual_seed(0)
     x, y = fake_task([0, 1])
