@@ -79,7 +79,7 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
         if done is not None:
             print(f"clbench: skipping {output_dir}: it already holds complete results of this config",
                   file=sys.stderr)
-            folder.release()
+            folder.refuse()  # nothing to do here: leave the folder as it was found
             if not multirun:
                 _show(done)
             return _objective(cfg, done)
