@@ -71,6 +71,26 @@ _CHECKPOINT_KEYS = {"version", "fingerprint", "model", "strategy", "optimizer", 
 # The clock of checkpoint_every's wall-time form (a name of its own so tests can drive it).
 _monotonic = time.monotonic
 _RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "checkpoint_every", "objective")
+def _group_names(opt: Optional[torch.optim.Optimizer], model: torch.nn.Module) -> Optional[list[list[str]]]:
+    """The optimizer's parameter groups as lists of the model's parameter names (None when
+    it holds a parameter outside the model), so that a resumed run rebuilds the same groups
+    (e.g. HAT's: no weight decay on the task embeddings) before loading the optimizer state."""
+    if opt is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names.get(id(p)) for p in g["params"]] for g in opt.param_groups]
+    return None if any(n is None for g in groups for n in g) else groups
+
+
+def _param_groups(groups: Optional[list[list[str]]], model: torch.nn.Module) -> Optional[list[dict]]:
+    if not groups:
+        return None
+    params = dict(model.named_parameters())
+    if any(n not in params for g in groups for n in g):
+        return None
+    return [{"params": [params[n] for n in g]} for g in groups]
+
+
 def resolve_device(name: str) -> torch.device:
     name = str(name).strip().lower()
     if name == "auto":
@@ -245,6 +265,7 @@ class Runner:
             "model": self.strategy.model.state_dict(),
             "strategy": self.strategy.state_dict(),
             "optimizer": opt.state_dict() if opt is not None else None,
+            "optimizer_groups": _group_names(opt, self.strategy.model),
             "rng": self._rng_state(),
             "progress": progress,
             "mid": None,
@@ -271,7 +292,7 @@ class Runner:
         """Write the boundary state plus a snapshot of the task in progress (see the module docstring)."""
         if self._boundary_cache is None:
             ckpt = torch.load(io.BytesIO(self._boundary_bytes), map_location="cpu", weights_only=False)
-            self._boundary_cache = {k: ckpt[k] for k in ("model", "strategy", "optimizer", "rng")}
+            self._boundary_cache = {k: ckpt[k] for k in ("model", "strategy", "optimizer", "optimizer_groups", "rng")}
         strategy, opt = self.strategy, self.strategy.optimizer
         mid = {
             "task": task.id,
@@ -330,7 +351,10 @@ class Runner:
         self.strategy.load_state_dict(ckpt["strategy"])
         self.strategy.model.load_state_dict(ckpt["model"])
         if ckpt["optimizer"] is not None and not self.cfg.train.reset_optimizer:
-            self.strategy.optimizer = self.strategy.make_optimizer(self.strategy.model.parameters())
+            model = self.strategy.model
+            self.strategy.optimizer = self.strategy.make_optimizer(
+                _param_groups(ckpt.get("optimizer_groups"), model) or model.parameters()
+            )
             self.strategy.optimizer.load_state_dict(ckpt["optimizer"])
         self._set_rng_state(ckpt["rng"])
         progress, mid = ckpt["progress"], ckpt.get("mid")

@@ -22,7 +22,7 @@ from hydra.utils import get_object
 
 from cl_bench import CLBenchError
 from cl_bench.runner import CHECKPOINT, Runner, RunInterrupted, parse_checkpoint_every
-from tests.conformance_cases import COST
+from tests.conformance_cases import BACKBONES, COST, OPTIMIZERS
 from tests.conftest import compose_cfg, conf_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,6 +112,34 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(strategy, tmp_path):
     assert np.array_equal(np.asarray(resumed["accuracy_matrix"]), np.asarray(reference["accuracy_matrix"]))
     assert without_times(resumed["train_log"]) == without_times(reference["train_log"])
     assert_same_state(resumed_state, reference_state)
+
+
+# The publication protocol: batch norm in every block, SGD with momentum and weight decay
+# (its momentum carried across tasks too) and AdamW. A few strategies of each family run
+# fast; every strategy runs in the slow tier.
+PROTOCOL_FAST = ("finetune", "ewc", "si", "er", "lwf", "icarl", "packnet", "hat")
+
+
+def protocol_cases() -> list:
+    cases = []
+    for strategy in conf_options("strategy"):
+        for optimizer in ("sgd", "sgd_keep", "adamw"):
+            fast = strategy in PROTOCOL_FAST and optimizer == "sgd_keep"
+            marks = () if fast else (pytest.mark.slow,)
+            cases.append(pytest.param(strategy, optimizer, marks=marks, id=f"{strategy}-resnet_bn-{optimizer}"))
+    return cases
+
+
+@pytest.mark.parametrize("strategy, optimizer", protocol_cases())
+def test_mid_epoch_resume_is_bit_identical_on_batch_norm_with_momentum_and_adamw(strategy, optimizer, tmp_path):
+    overrides = (*strategy_overrides(strategy), *BACKBONES["resnet_bn"], *OPTIMIZERS[optimizer])
+    reference, reference_state = run_to_end(compose_cfg(*overrides), tmp_path / "reference")
+    folder = tmp_path / "interrupted"
+    with pytest.raises(RunInterrupted):
+        SignalAt(compose_cfg(*overrides), folder, at_task=1, at_step=4).run()
+    resumed, resumed_state = run_to_end(compose_cfg(*overrides), folder)
+    assert np.array_equal(np.asarray(resumed["accuracy_matrix"]), np.asarray(reference["accuracy_matrix"]))
+    assert_same_state(resumed_state, reference_state)  # batch-norm running statistics included
 
 
 def test_sigint_between_steps_in_the_first_task_and_resume(tmp_path):

@@ -10,8 +10,11 @@ the update is g itself when <g, g_ref> >= 0 and otherwise its projection
 (a closed form, no QP). The memory is the shared buffer, balanced over past tasks and
 filled at each task's end as in the authors' code; the reference batch has
 `sample_size` samples (256 in the paper's experiments), fewer while the memory holds
-fewer. The projection is applied branch-free, so it costs no device synchronisation;
-`summary()` reports how many steps were projected.
+fewer. One reference gradient per step; g and g_ref are written into preallocated flat
+buffers (g's slices are the parameters' `.grad`, so the optimizer steps with what is
+written there), and the projection is applied branch-free, in place (the coefficient
+is 0 when <g, g_ref> >= 0), so a step costs no device synchronisation; `summary()`
+reports how many steps were projected.
 
 The reference gradient is computed in training mode, as in the authors' code (the
 reference-gradient pass is fed `train_phase: True`), so batch norm uses the memory
@@ -22,13 +25,15 @@ gives `finetune`'s steps exactly.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import ReplayStrategy
-from cl_bench.strategies.gem import assign_grad, flat_grad
+from cl_bench.strategies.gem import FlatGradient, flat_grad
 
 
 class AGEM(ReplayStrategy):
@@ -41,28 +46,43 @@ class AGEM(ReplayStrategy):
             raise CLBenchError(f"strategy.sample_size must be positive, got {sample_size}")
         super().__init__(memory_size, selection, "task")
         self.sample_size = sample_size
+        self._grad: Optional[FlatGradient] = None
+        self._reference: Optional[torch.Tensor] = None  # g_ref, then the step subtracted from g
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
         self._steps, self._projected = 0, torch.zeros((), dtype=torch.long, device=self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._grad is None or not self._grad.fits(params):
+            self._grad = FlatGradient(params)
+            self._reference = torch.empty_like(self._grad.flat)
 
     def train_step(self, batch: Batch) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._grad.params
         loss = self.loss(self.model(batch.x), batch.y)
-        g = flat_grad(loss, params)
+        g = flat_grad(loss, params, out=self._grad.flat)
         replayed = self.replay(self.sample_size)
         if replayed is not None:
-            g_ref = flat_grad(self.loss(self.model(replayed[0]), replayed[1]), params)
+            g_ref = flat_grad(self.loss(self.model(replayed[0]), replayed[1]), params, out=self._reference)
             dot = g @ g_ref
-            g = g - (dot.clamp(max=0) / (g_ref @ g_ref).clamp_min(1e-12)) * g_ref
+            g.sub_(g_ref.mul_(dot.clamp(max=0) / (g_ref @ g_ref).clamp_min(1e-12)))
             self._projected += dot < 0
         self._steps += 1
-        assign_grad(params, g)
+        self._grad.assign()
         self.optimizer.step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:
         self.remember(task)
+
+    # A training step changes only the counters and the replay generator (the memory is written at task ends);
+    # the gradient buffers are scratch space and stay out of mid-task snapshots.
+    def task_state(self) -> dict:
+        return {"steps": self._steps, "projected": self._projected.clone(), "generator": self.generator.get_state()}
+
+    def load_task_state(self, state: dict) -> None:
+        self._steps, self._projected = state["steps"], state["projected"].to(self.device)
+        self.generator.set_state(state["generator"].cpu())
 
     def summary(self) -> dict:
         return {**super().summary(), "steps": self._steps, "projected_steps": int(self._projected)}
