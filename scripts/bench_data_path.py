@@ -86,7 +86,7 @@ def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tup
 def runner_loop(cfg, folder: Path, clock=time.process_time) -> tuple[float, float]:
     """(train seconds, eval seconds) of the runner's own per-task train and evaluation calls."""
     runner = Runner(cfg, folder)
-    runner.build()
+    runner.prepare()
     train_s = eval_s = 0.0
     for task in runner.stream.tasks:
         runner._sync()
