@@ -147,7 +147,16 @@ def test_mid_epoch_resume_is_bit_identical_on_batch_norm_with_momentum_and_adamw
     assert_same_state(resumed_state, reference_state)  # batch-norm running statistics included
 
 
-def test_sigint_between_steps_in_the_first_task_and_resume(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler, as in a terminal (a shell starts background jobs, e.g. CI
+    under nohup, with SIGINT ignored, and the runner leaves an ignored signal alone)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_between_steps_in_the_first_task_and_resume(tmp_path, python_sigint):
     overrides = strategy_overrides("si")
     reference, reference_state = run_to_end(compose_cfg(*overrides), tmp_path / "reference")
     folder = tmp_path / "interrupted"
