@@ -71,6 +71,9 @@ class DeviceConfig:
     name: str = "cpu"
     # torch intra-op threads (>= 1); null leaves torch's default (in a sweep: the worker's share of the cores)
     num_threads: Optional[int] = None
+    # cuDNN picks deterministic algorithms (and no autotuning): the same numbers on every run
+    # of a GPU; false lets cuDNN benchmark and choose the fastest. Recorded in metrics.json.
+    deterministic: bool = True
 
 
 @dataclass

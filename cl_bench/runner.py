@@ -212,6 +212,8 @@ class Runner:
         self.device = resolve_device(cfg.device.name)
         if cfg.device.num_threads is not None:
             torch.set_num_threads(cfg.device.num_threads)
+        torch.backends.cudnn.deterministic = bool(cfg.device.deterministic)
+        torch.backends.cudnn.benchmark = not cfg.device.deterministic
         seed_everything(cfg.seed)
         scenario = getattr(cfg.scenario, "value", cfg.scenario)
         stream = build(cfg.dataset, "dataset", scenario=scenario, seed=cfg.seed)
@@ -572,6 +574,7 @@ class Runner:
                     progress["eval_s"].append(t2 - t1)
                     progress["train_log"].append(log)
                     progress["tasks_done"] = task.id + 1
+                    progress["peak_memory_bytes"] = max(progress.get("peak_memory_bytes", 0), self._peak_memory())
                     self._log_warnings(progress)
                     self._save_artifacts(task)
                     if self.cfg.checkpoint:
@@ -635,6 +638,28 @@ class Runner:
             console=self.console,
         )
 
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            import resource
+        except ImportError:  # not on POSIX
+            return 0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if platform.system() == "Darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+    def _throughput(self, progress: dict) -> dict:
+        """Training and evaluation samples per second over the whole run (every process)."""
+        train_samples = sum(log["samples"] for log in progress["train_log"])
+        split = "val" if self.eval_split == "val" else "test"
+        per_eval = sum(len(getattr(t, split)) for t in self.stream.tasks)
+        eval_samples = per_eval * len(progress["eval_s"])
+        rate = lambda n, s: n / s if s > 0 else None  # noqa: E731
+        return {
+            "train_samples_per_s": rate(train_samples, sum(progress["train_s"])),
+            "eval_samples_per_s": rate(eval_samples, sum(progress["eval_s"])),
+        }
+
     def _summary(self, progress: dict, wall_s: float) -> dict:
         stream, cfg = self.stream, self.cfg
         R, R_aware = progress["R"], progress["R_aware"]
@@ -661,7 +686,12 @@ class Runner:
                 "train_s": progress["train_s"],
                 "eval_s": progress["eval_s"],
                 "total_s": wall_s,
+                **self._throughput(progress),
             },
+            # on CUDA torch's max_memory_allocated, on the CPU the process's peak resident set;
+            # the largest over the processes that worked on the run
+            "peak_memory_bytes": max(progress.get("peak_memory_bytes", 0), self._peak_memory()),
+            "deterministic": bool(cfg.device.deterministic),
             "train_log": progress["train_log"],
             "warnings": list(progress.get("warnings", [])),
             "versions": {

@@ -162,3 +162,24 @@ def test_active_classes_predict_only_among_the_classes_seen_so_far():
             assert (acc[2:] == 0).all() and acc[:2].sum() > 0
         else:
             assert (acc[:2] == 0).all() and acc[2:].sum() > 0
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_metrics_record_throughput_peak_memory_and_determinism(deterministic, tmp_path):
+    import torch
+
+    cfg = compose_cfg("experiment=smoke", "progress=false", "device.num_threads=1",
+                      f"device.deterministic={str(deterministic).lower()}")
+    summary = Runner(cfg, tmp_path / "run").run()
+    timing = summary["timing"]
+    samples = sum(log["samples"] for log in summary["train_log"])
+    assert timing["train_samples_per_s"] == pytest.approx(samples / sum(timing["train_s"]))
+    runner = Runner(cfg, tmp_path / "sizes")
+    runner.build()
+    per_eval = sum(len(t.test) for t in runner.stream.tasks)  # every task's test set after each task
+    evaluated = per_eval * len(timing["eval_s"])
+    assert timing["eval_samples_per_s"] == pytest.approx(evaluated / sum(timing["eval_s"]))
+    assert summary["peak_memory_bytes"] > 50 * 2**20  # the process holds torch: at least tens of MiB
+    assert summary["deterministic"] is deterministic
+    assert torch.backends.cudnn.deterministic is deterministic and torch.backends.cudnn.benchmark is not deterministic
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
