@@ -63,6 +63,10 @@ class TrainConfig:
     # ln(classes); a loss this large means the weights have blown up. 0 switches the bound
     # off (NaN/inf always fail).
     max_loss: float = 1.0e6
+    # 32 (float32), or bf16: training steps and evaluation under torch.autocast with
+    # bfloat16 (the weights, the optimizer and the strategies' end-of-task phases, e.g.
+    # Fisher/importance passes, stay float32)
+    precision: str = "32"
 
 
 @dataclass
@@ -211,6 +215,9 @@ def _check_schema_keys(cfg: DictConfig) -> None:
             raise CLBenchError(f"unknown key {name}; valid keys{' of ' + where if where else ''}: {', '.join(sorted(known))}")
 
 
+PRECISIONS = ("32", "bf16")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no data: a run that fails one is refused before it writes anything.
 
@@ -235,6 +242,10 @@ def preflight(cfg: DictConfig) -> None:
         raise CLBenchError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
     if math.isnan(t.max_loss) or t.max_loss < 0:
         raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
+    if str(t.precision) not in PRECISIONS:
+        hint = "; fp16 needs a gradient scaler in every strategy's step, which clbench does not have yet: use bf16" \
+            if str(t.precision) in ("fp16", "16", "16-mixed") else ""
+        raise CLBenchError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}{hint}")
     if not 0 <= cfg.seed < 2**32:
         raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
     if cfg.device.num_threads is not None and cfg.device.num_threads < 1:

@@ -393,15 +393,14 @@ class Runner:
 
     # ----- the loop --------------------------------------------------------------------
     def _train_task(self, task, progress_bar) -> dict:
-        strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
+        strategy, cfg = self.strategy, self.cfg.train
         mid, self._resume_mid = getattr(self, "_resume_mid", None), None
         # On a mid-task resume the task start reruns from the boundary state first (see
         # the module docstring), then the snapshot goes on top.
         strategy.begin_task(task)
         strategy.before_task(task)
         data = strategy.training_data(task)
-        n, batch_size = len(data), cfg.batch_size
-        steps_per_epoch = -(-n // batch_size)
+        steps_per_epoch = -(-len(data) // cfg.batch_size)
         loss_sum, steps = torch.zeros((), device=self.device), 0
         first_epoch, first_batch, order, epoch_loss = 0, 0, None, None
         if mid is not None:
@@ -415,6 +414,34 @@ class Runner:
                 f"task {task.id}", total=cfg.epochs * steps_per_epoch, loss=float("nan"),
                 completed=first_epoch * steps_per_epoch + (first_batch if order is not None else 0),
             )
+        with self._autocast():
+            steps, loss_sum = self._train_epochs(task, data, bar, progress_bar, first_epoch, first_batch, order,
+                                                 steps, loss_sum, epoch_loss)
+        strategy.after_task(task)  # consolidation (Fisher, pruning, generators, ...) in float32
+        self._diverged(task, "after the task (the strategy's consolidation)")
+        return {
+            "mean_loss": (loss_sum / max(steps, 1)).item(),
+            "steps": steps,
+            "samples": len(data) * cfg.epochs,
+            "parameters": count_parameters(strategy.model),
+            "strategy": strategy.summary(),
+        }
+
+    def _autocast(self):
+        """torch.autocast with bfloat16 for train.precision=bf16 (training steps and
+        evaluation), else nothing."""
+        from contextlib import nullcontext
+
+        if str(self.cfg.train.precision) == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _train_epochs(self, task, data, bar, progress_bar, first_epoch, first_batch, order, steps, loss_sum,
+                      epoch_loss):
+        """The epochs of one task (from a mid-task position on a resume); (steps, loss sum)."""
+        strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
+        n, batch_size = len(data), cfg.batch_size
+        steps_per_epoch = -(-n // batch_size)
         every = self._every
         for epoch in range(first_epoch, cfg.epochs):
             strategy.set_training(True)
@@ -443,15 +470,7 @@ class Runner:
                 self._save_mid(task, dict(
                     epoch=epoch + 1, batch=0, order=None, steps=steps, loss_sum=loss_sum, epoch_loss=None,
                 ))
-        strategy.after_task(task)
-        self._diverged(task, "after the task (the strategy's consolidation)")
-        return {
-            "mean_loss": (loss_sum / max(steps, 1)).item(),
-            "steps": steps,
-            "samples": len(data) * cfg.epochs,
-            "parameters": count_parameters(strategy.model),
-            "strategy": strategy.summary(),
-        }
+        return steps, loss_sum
 
     # ----- stop signals and mid-task checkpoints ------------------------------------------
     def _step_boundary(self, task, position: dict) -> None:
@@ -527,7 +546,8 @@ class Runner:
         progress = self._progress
         mid = self._resume_mid
         if progress is None:
-            b, b_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
+            with self._autocast():
+                b, b_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
             progress = {
                 "tasks_done": 0,
                 "R": np.full((T, T), np.nan),
@@ -567,7 +587,10 @@ class Runner:
                     log = self._train_task(task, bar)
                     self._sync()
                     t1 = time.perf_counter()
-                    acc, acc_aware = evaluate(self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split)
+                    with self._autocast():
+                        acc, acc_aware = evaluate(
+                            self.strategy, self.stream, self.cfg.train.eval_batch_size, self.eval_split
+                        )
                     t2 = time.perf_counter()
                     progress["R"][task.id], progress["R_aware"][task.id] = acc, acc_aware
                     progress["train_s"].append(self._task_train_before + (t1 - t0))
