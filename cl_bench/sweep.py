@@ -110,9 +110,9 @@ _MAX_CHECKED_COMBINATIONS = 64
 def check_sweep(args: list[str]) -> Optional[str]:
     """The first problem of any job of the sweep `args` (`clbench run -m ...`), found by
     composing each job's config and running the up-front checks, before any job starts;
-    None when every job passes. Sweeps Hydra cannot expand here (a sweeper's search space
-    such as Optuna's `interval(...)`) are checked at their first value only; a sweep over
-    a user's own config folder (`--config-dir`) is left to the jobs."""
+    None when every job passes. A key swept over a search space that only the sweeper
+    expands (Optuna's `interval(...)`) keeps its default in the check; a sweep over a
+    user's own config folder (`--config-dir`, `hydra.searchpath`) is left to the jobs."""
     import itertools
 
     from hydra import compose, initialize_config_module
@@ -122,7 +122,8 @@ def check_sweep(args: list[str]) -> Optional[str]:
     from cl_bench.config import preflight
     from cl_bench.errors import describe
 
-    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")) for a in args):
+    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "hydra.searchpath"))
+           for a in args):
         return None
     overrides = [a for a in args if not a.startswith("-")]
     try:
