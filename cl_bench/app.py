@@ -65,7 +65,7 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
     if cfg.output_dir:  # Hydra made its own (unused, empty) run folder: take it away again
         remove_chain(created_chain(hc.runtime.output_dir))
     choices = hc.runtime.choices
-    names = {k: choices[k] for k in ("strategy", "dataset", "backbone") if choices.get(k)}
+    names = run_names(cfg, choices)
     if multirun and cfg.device.num_threads is None:
         # Parallel workers share the cores: give each its share of torch threads.
         cfg.device.num_threads = sweep.threads_per_worker(hc.launcher)
@@ -108,6 +108,25 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
         folder.release()
     _show(summary)
     return _objective(cfg, summary)
+
+
+def run_names(cfg: DictConfig, choices) -> dict[str, str]:
+    """What ran, per group: the chosen option's name, unless its `_target_` was overridden
+    (`strategy._target_=my.module.Mine`), then that target, so results are never labelled
+    with a shipped method that did not run."""
+    from importlib.resources import files
+
+    names = {}
+    for group in ("strategy", "dataset", "backbone"):
+        choice = choices.get(group)
+        target = str(cfg[group].get("_target_", "")) if cfg.get(group) is not None else ""
+        shipped = files("cl_bench.conf").joinpath(group, f"{choice}.yaml") if choice else None
+        if shipped is not None and shipped.is_file():
+            shipped_target = OmegaConf.create(shipped.read_text(encoding="utf-8")).get("_target_")
+            names[group] = choice if shipped_target == target or not target else target
+        elif choice or target:  # an option of the user's own config folder
+            names[group] = choice or target
+    return names
 
 
 def _show(summary: dict) -> None:

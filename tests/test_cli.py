@@ -118,3 +118,14 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_unknown_command(tmp_path):
     proc = clbench("fly", cwd=tmp_path)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_results_are_named_after_the_target_that_ran(tmp_path):
+    out = tmp_path / "run"
+    proc = clbench("run", "experiment=smoke", "progress=false", "strategy._target_=cl_bench.strategies.joint.Joint",
+                   f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["strategy"] == "cl_bench.strategies.joint.Joint"  # not "finetune", the shipped option
+    assert summary["dataset"] == "split_digits" and summary["backbone"] == "mlp"
+    assert (out / "results.md").read_text().startswith("# cl_bench.strategies.joint.Joint on split_digits")
