@@ -97,12 +97,11 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
         summary = runner.run()
     except RunInterrupted:
         raise  # resumable: a checkpoint, not a failure
-    except BaseException as exc:
-        if isinstance(exc, Exception):
-            try:
-                sweep.write_failure(output_dir, exc)
-            except OSError:
-                pass  # e.g. the disk is full: the error itself is what the user must see
+    except Exception as exc:
+        try:
+            sweep.write_failure(output_dir, exc)
+        except OSError:
+            pass  # e.g. the disk is full: the error itself is what the user must see
         raise
     finally:
         folder.release()

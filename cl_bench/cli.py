@@ -87,12 +87,18 @@ def override_problem(args: list[str]) -> str | None:
     return None
 
 
+def own_config_folder(args: list[str]) -> bool:
+    """Whether the command names a user's own config folder (its options are Hydra's to know)."""
+    return any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name",
+                             "hydra.searchpath")) for a in args)
+
+
 def unknown_group_option(args: list[str]) -> str | None:
     """One line for the commonest mistake, an unknown option of a config group
     (`strategy=ewcc`), before Hydra composes anything; None when every choice exists.
     Comma lists of a sweep are checked one by one; other sweep syntax is left to Hydra."""
-    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "hydra.searchpath")) for a in args):
-        return None  # a user's own config folder: Hydra knows its options (its errors are condensed too)
+    if own_config_folder(args):
+        return None  # Hydra knows the options of a user's config folder (its errors are condensed too)
     options = None
     for arg in args:
         key, sep, value = arg.partition("=")

@@ -227,9 +227,9 @@ def preflight(cfg: DictConfig) -> None:
     for group in ("dataset", "backbone"):
         check_kwargs(_target_of(cfg[group], group), cfg[group], group, provided=RUNTIME_KWARGS[group])
     build(cfg.strategy, "strategy")  # its constructor checks its values (e.g. memory_size >= 0)
-    cap = cfg.dataset.get("max_train_per_class")
-    if cap is not None and cap < 1:
-        raise CLBenchError(f"dataset.max_train_per_class must be at least 1 (null: no cap), got {cap}")
+    from cl_bench.data.stream import check_cap
+
+    check_cap(cfg.dataset.get("max_train_per_class"))
     t = cfg.train
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if t[key] < 1:
@@ -256,11 +256,10 @@ def preflight(cfg: DictConfig) -> None:
 
     if cfg.objective not in METRIC_LABELS:
         raise CLBenchError(f"objective must be one of {', '.join(METRIC_LABELS)}, got {cfg.objective!r}")
-    from cl_bench import runner
+    from cl_bench.runner import parse_checkpoint_every, resolve_device
 
-    runner.resolve_device(cfg.device.name)
-    if hasattr(runner, "parse_checkpoint_every"):
-        runner.parse_checkpoint_every(cfg.checkpoint_every)
+    resolve_device(cfg.device.name)
+    parse_checkpoint_every(cfg.checkpoint_every)
 
 
 __all__ = ["RunConfig", "TrainConfig", "DeviceConfig", "Scenario", "build", "check_kwargs", "preflight", "instantiate"]

@@ -96,10 +96,6 @@ def remove_chain(chain: list[Path]) -> None:
             break
 
 
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
 class RunFolder:
     """The run folder `path`, locked by this process between `open()` and `release()`."""
 
@@ -111,7 +107,7 @@ class RunFolder:
 
     # ----- opening ------------------------------------------------------------------------
     def open(self) -> "RunFolder":
-        self._note_created_dirs()
+        self._created_dirs = created_chain(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not os.access(self.path, os.W_OK | os.X_OK):
@@ -122,11 +118,8 @@ class RunFolder:
             if isinstance(exc, FileExistsError) or (self.path.exists() and not self.path.is_dir()):
                 raise CLBenchError(f"cannot use {self.path} as the run folder: it exists and is not a folder") from None
             where = exc.filename or self.path
-            raise CLBenchError(f"cannot use {where} as the run folder: {_os_reason(exc)}") from None
+            raise CLBenchError(f"cannot use {where} as the run folder: {exc.strerror or exc}") from None
         return self
-
-    def _note_created_dirs(self) -> None:
-        self._created_dirs = created_chain(self.path)
 
     @property
     def empty(self) -> bool:
@@ -212,14 +205,11 @@ class RunFolder:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
-    def remove_temp_files(self) -> list[Path]:
-        removed = []
+    def remove_temp_files(self) -> None:
         for folder in (self.path, self.path / "artifacts", self.path / RECORD_DIR):
             if folder.is_dir():
                 for tmp in folder.glob(TEMP_GLOB):
                     tmp.unlink(missing_ok=True)
-                    removed.append(tmp)
-        return removed
 
     def __enter__(self) -> "RunFolder":
         return self.open()

@@ -527,7 +527,7 @@ class Runner:
         """Build everything and read the checkpoint, writing nothing: every error raised
         here is a refused run that leaves the run folder as it was."""
         self._t_start = time.perf_counter()
-        self._every = parse_checkpoint_every(self.cfg.get("checkpoint_every", "")) if self.cfg.checkpoint else None
+        self._every = parse_checkpoint_every(self.cfg.checkpoint_every) if self.cfg.checkpoint else None
         self._watch = self._every is not None
         self._stop_signal = self._stop_frame = None
         self._previous_handlers: dict = {}

@@ -66,12 +66,6 @@ def write_failure(output_dir: Path, exc: BaseException) -> None:
     atomic_write_text(Path(output_dir) / FAILED_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def clear_failure(output_dir: Path) -> None:
-    path = Path(output_dir) / FAILED_FILE
-    if path.exists():
-        path.unlink()
-
-
 def available_cores() -> int:
     """CPU cores this process may run on (respects affinity masks set by Slurm/cgroups)."""
     if hasattr(os, "sched_getaffinity"):
@@ -122,8 +116,9 @@ def check_sweep(args: list[str]) -> Optional[str]:
     from cl_bench.config import preflight
     from cl_bench.errors import describe
 
-    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "hydra.searchpath"))
-           for a in args):
+    from cl_bench.cli import own_config_folder
+
+    if own_config_folder(args):
         return None
     overrides = [a for a in args if not a.startswith("-")]
     try:

@@ -265,12 +265,17 @@ def iterate_batches(
         yield order[start : start + batch_size]
 
 
+def check_cap(max_per_class: Optional[int]) -> None:
+    """dataset.max_train_per_class: at least 1, or None for no cap."""
+    if max_per_class is not None and max_per_class < 1:
+        raise CLBenchError(f"dataset.max_train_per_class must be at least 1 (null: no cap), got {max_per_class}")
+
+
 def cap_per_class(split: Split, max_per_class: Optional[int]) -> Split:
     """Keep the first `max_per_class` samples of each class (all when None)."""
+    check_cap(max_per_class)
     if max_per_class is None:
         return split
-    if max_per_class < 1:
-        raise CLBenchError(f"dataset.max_train_per_class must be at least 1 (null: no cap), got {max_per_class}")
     keep = torch.cat(
         [torch.nonzero(split.y == c).flatten()[:max_per_class] for c in split.y.unique()]
     ).sort().values
