@@ -35,6 +35,9 @@ def _hydra_record(cfg: DictConfig) -> dict[str, str]:
 # The error that ended a single run (a sweep's jobs raise, so that Hydra marks them failed):
 # `cl_bench.cli` prints it in one line, without Hydra's "Error executing job" preamble.
 FAILURES: list[BaseException] = []
+# The summary of every run that finished in this process's current command (cl_bench.cli.launch
+# clears it before and after), for the Python API.
+SUMMARIES: list[dict] = []
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cl_bench.conf", config_name="config")
@@ -82,6 +85,7 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
             folder.refuse()  # nothing to do here: leave the folder as it was found
             if not multirun:
                 _show(done)
+            SUMMARIES.append(done)
             return _objective(cfg, done)
     except BaseException as exc:
         if multirun and folder.empty and isinstance(exc, Exception):
@@ -105,6 +109,7 @@ def _run(cfg: DictConfig, multirun: bool) -> float:
         raise
     finally:
         folder.release()
+    SUMMARIES.append(summary)
     _show(summary)
     return _objective(cfg, summary)
 

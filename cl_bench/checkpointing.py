@@ -73,7 +73,7 @@ def parse_checkpoint_every(value: Any) -> Optional[tuple[str, float]]:
 
 # ----- mid-task strategy state ---------------------------------------------------------------
 # Attributes the runner restores itself (or that hold the data / config, never changed by steps).
-_NOT_TASK_STATE = frozenset({"model", "stream", "optimizer", "train_cfg", "device"})
+_NOT_TASK_STATE = frozenset({"model", "stream", "optimizer", "train_cfg", "device", "_reporter"})
 _SKIP = object()
 
 

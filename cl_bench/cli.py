@@ -6,6 +6,8 @@ import os
 import sys
 from importlib.resources import files
 
+from cl_bench import CLBenchError
+
 GROUPS = ("dataset", "backbone", "strategy", "device", "experiment")
 
 USAGE = """usage: clbench <command> [args]
@@ -14,6 +16,7 @@ commands:
   run [overrides...]   train and evaluate (Hydra overrides, -m for sweeps, --help for the config groups)
   report PATH [opts]   aggregate a folder of runs into mean ± std tables and plots (report --help)
   list                 the available datasets, backbones, strategies, devices and experiments
+  script NAME [args]   run one of the shipped scripts (reproductions, benchmarks; `clbench script` lists them)
 
 add --debug to show full tracebacks."""
 
@@ -148,30 +151,55 @@ def _note_new_folders(args: list[str]) -> None:
     note_missing(paths)
 
 
-def run_command(args: list[str]) -> int:
+class CommandLineProblem(CLBenchError):
+    """A command line refused before anything ran (bad override, unknown option, ...)."""
+
+
+def launch(args: list[str]) -> list[dict]:
+    """`clbench run ARGS` without the printing of errors: the checks, then the Hydra app.
+
+    Returns the summary (metrics.json's content) of each run that finished, in order; raises
+    `CLBenchError` for a refused command line and the run's own exception for a failed run.
+    The command line and the Python API (`cl_bench.run`) both go through here.
+    """
     problem = override_problem(args) or hydra_usage_problem(args) or unknown_group_option(args)
     if problem is None and ("-m" in args or "--multirun" in args):
         from cl_bench.sweep import check_sweep
 
         problem = check_sweep(args)
     if problem:
-        print(f"clbench: error: {problem}", file=sys.stderr)
-        return 2
+        raise CommandLineProblem(problem)
 
-    from cl_bench.app import FAILURES, run_app
-    from cl_bench.runner import RunInterrupted
+    from cl_bench.app import FAILURES, SUMMARIES, run_app
 
     _note_new_folders(args)
-    sys.argv = ["clbench run", *args]
+    argv, sys.argv = sys.argv, ["clbench run", *args]
     # Hydra re-raises instead of printing its own multi-line report; the errors are
-    # condensed to one line below (--debug: the full traceback).
+    # condensed to one line by the caller (--debug: the full traceback).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     stderr = sys.stderr
     sys.stderr = _WithoutHydraPreamble(stderr)
+    FAILURES.clear()
+    SUMMARIES.clear()
     try:
         run_app()
         if FAILURES:
             raise FAILURES.pop()
+        return list(SUMMARIES)
+    finally:
+        sys.stderr, sys.argv = stderr, argv
+        FAILURES.clear()
+        SUMMARIES.clear()
+
+
+def run_command(args: list[str]) -> int:
+    from cl_bench.runner import RunInterrupted
+
+    try:
+        launch(args)
+    except CommandLineProblem as exc:
+        print(f"clbench: error: {exc}", file=sys.stderr)
+        return 2
     except RunInterrupted as exc:
         print(f"clbench: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -188,8 +216,6 @@ def run_command(args: list[str]) -> int:
         job = getattr(exc, "clbench_job", None)
         print(f"clbench: error: {describe(exc, args)}" + (f" [{job}]" if job else ""), file=sys.stderr)
         return 2
-    finally:
-        sys.stderr = stderr
     return 0
 
 
@@ -223,8 +249,38 @@ def report_entry(args: list[str]) -> int:
         return 2
 
 
+def script_command(args: list[str]) -> int:
+    """`clbench script NAME [args]`: the scripts/ folder ships inside the package as
+    cl_bench.scripts, so the README's reproductions and benchmarks run from any install."""
+    import runpy
+
+    root = files("cl_bench.scripts")
+    names = sorted(p.name[:-3] for p in root.iterdir() if p.name.endswith(".py") and not p.name.startswith("_"))
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: clbench script NAME [args]   (NAME --help: its options)\n\nscripts: " + ", ".join(names))
+        return 0 if args else 2
+    name = args[0].removesuffix(".py")
+    if name not in names:
+        print(f"clbench: error: unknown script {args[0]!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    path = str(root.joinpath(f"{name}.py"))
+    argv, sys.argv = sys.argv, [path, *args[1:]]
+    sys.path.insert(0, os.path.dirname(path))  # the scripts import each other as siblings
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A user's own modules (`strategy._target_: my_methods.Mine`) live in the folder clbench is
+    # run from: importable as with `python -m`, but after the installed packages.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     if "--debug" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1":
         argv = [a for a in argv if a != "--debug"]
         os.environ["CLBENCH_DEBUG"] = "1"
@@ -238,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return list_command()
     if command == "report":
         return report_entry(rest)
+    if command == "script":
+        return script_command(rest)
     print(f"clbench: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

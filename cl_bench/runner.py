@@ -61,7 +61,7 @@ from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_check
     parse_checkpoint_every,
     restore_task_state,
 )
-from cl_bench.strategies.base import Batch, Strategy
+from cl_bench.strategies.base import Batch, PhaseProgress, Strategy
 
 CHECKPOINT = "checkpoint.pt"
 # 2: "mid" (a mid-task snapshot or None) and progress["elapsed_s"].
@@ -219,6 +219,11 @@ class Runner:
         stream = build(cfg.dataset, "dataset", scenario=scenario, seed=cfg.seed)
         if not isinstance(stream, Stream):
             raise CLBenchError(f"dataset._target_ must return a Stream, got {type(stream).__name__}")
+        if stream.scenario != scenario:
+            raise CLBenchError(
+                f"dataset {cfg.dataset._target_} built a {stream.scenario} stream but scenario={scenario}; "
+                "give the dataset function a `scenario` argument and pass it on to the Stream"
+            )
         self.eval_split = getattr(cfg.eval_split, "value", cfg.eval_split)
         if self.eval_split == "val" and any(t.val is None or len(t.val) == 0 for t in stream.tasks):
             raise CLBenchError("eval_split=val needs a validation split: set dataset.val_fraction > 0 (e.g. 0.2)")
@@ -292,6 +297,8 @@ class Runner:
 
     def _save_mid(self, task, position: dict) -> None:
         """Write the boundary state plus a snapshot of the task in progress (see the module docstring)."""
+        if position.get("order") is not None:
+            self._flush_step_losses(position["batch"])  # the loggers hold every step up to the snapshot
         if self._boundary_cache is None:
             ckpt = torch.load(io.BytesIO(self._boundary_bytes), map_location="cpu", weights_only=False)
             self._boundary_cache = {k: ckpt[k] for k in ("model", "strategy", "optimizer", "optimizer_groups", "rng")}
@@ -411,9 +418,11 @@ class Runner:
         bar = None
         if progress_bar is not None:
             bar = progress_bar.add_task(
-                f"task {task.id}", total=cfg.epochs * steps_per_epoch, loss=float("nan"),
+                f"task {task.id}", total=cfg.epochs * steps_per_epoch, loss="", unit="steps",
                 completed=first_epoch * steps_per_epoch + (first_batch if order is not None else 0),
             )
+        # the global step (over all tasks) before this task's first step, for the loggers
+        self._step_offset = sum(log["steps"] for log in self._live_progress["train_log"])
         with self._autocast():
             steps, loss_sum = self._train_epochs(task, data, bar, progress_bar, first_epoch, first_batch, order,
                                                  steps, loss_sum, epoch_loss)
@@ -443,34 +452,71 @@ class Runner:
         n, batch_size = len(data), cfg.batch_size
         steps_per_epoch = -(-n // batch_size)
         every = self._every
+        # Per-step losses stay on the device and reach the loggers once per epoch (and before
+        # a mid-task save), so logging costs no host sync per step.
+        step_losses = torch.empty(steps_per_epoch, device=self.device) if self._log_step_losses else None
+        clock, shown = time.perf_counter, 0.0
         for epoch in range(first_epoch, cfg.epochs):
             strategy.set_training(True)
             if order is None:  # a fresh epoch: the same draw as data.stream.iterate_batches
                 order = torch.randperm(n, generator=self.data_generator)
                 first_batch, epoch_loss = 0, torch.zeros((), device=self.device)
+            self._pending_log = (task, epoch, first_batch, steps, step_losses)
             order_on_device = order.to(self.device)
+            pending = 0  # steps not yet shown on the progress bar (it is refreshed at most 20 times a second)
             for b in range(first_batch, steps_per_epoch):
                 idx = order_on_device[b * batch_size : (b + 1) * batch_size]
                 raw, y = data.batch(idx, self.device)  # plain indexing when the data is on the device
                 batch = Batch(stream.transform(raw, train=True, generator=self.data_generator), y, raw, task)
                 out = strategy.train_step(batch)
-                epoch_loss += out["loss"]
+                loss = out["loss"]
+                epoch_loss += loss
+                if step_losses is not None:
+                    step_losses[b] = loss
                 steps += 1
+                if bar is not None:
+                    pending += 1
+                    if clock() - shown >= 0.05:
+                        progress_bar.update(bar, advance=pending)
+                        pending, shown = 0, clock()
                 if self._watch:  # a stop signal came, or checkpoint_every is set: no cost otherwise
                     self._step_boundary(task, dict(
                         epoch=epoch, batch=b + 1, order=order, steps=steps, loss_sum=loss_sum, epoch_loss=epoch_loss,
                     ))
             loss_sum += epoch_loss
+            self._flush_step_losses(steps_per_epoch)
             epoch_mean = (epoch_loss / steps_per_epoch).item()  # the one host sync of the epoch
             self._diverged(task, f"epoch {epoch}", epoch_mean, weights=epoch == cfg.epochs - 1)
             if bar is not None:
-                progress_bar.update(bar, advance=steps_per_epoch - first_batch, loss=epoch_mean)
+                progress_bar.update(bar, advance=pending, loss=f"loss {epoch_mean:.4f}")
             order, first_batch = None, 0
             if every is not None and every[0] == "epochs" and (epoch + 1) % every[1] == 0:
                 self._save_mid(task, dict(
                     epoch=epoch + 1, batch=0, order=None, steps=steps, loss_sum=loss_sum, epoch_loss=None,
                 ))
         return steps, loss_sum
+
+    # ----- logging --------------------------------------------------------------------------
+    # The run's loggers (cl_bench.loggers) receive scalars under a global step: the number of
+    # optimizer steps over all tasks so far.
+    _log_step_losses = False  # true when a logger wants the loss of every step
+
+    def _flush_step_losses(self, upto: int) -> None:
+        """Send the losses of the current epoch's steps not yet logged, up to batch `upto`."""
+        if self._pending_log is None:
+            return
+        task, epoch, first, steps_before, losses = self._pending_log
+        if losses is not None and upto > first:
+            values = losses[first:upto].tolist()  # one host sync
+            start = self._step_offset + steps_before
+            self._log_steps(task, epoch, start, values)
+        self._pending_log = (task, epoch, upto, steps_before + (upto - first), losses)
+
+    def _log_steps(self, task, epoch: int, start: int, losses: list[float]) -> None:
+        """Per-step training losses: `losses[i]` is global step `start + i + 1`."""
+
+    def _log(self, metrics: dict, step: int) -> None:
+        """Scalars (name -> float) at global step `step`, for every active logger."""
 
     # ----- stop signals and mid-task checkpoints ------------------------------------------
     def _step_boundary(self, task, position: dict) -> None:
@@ -536,6 +582,7 @@ class Runner:
         self._boundary_bytes: Optional[bytes] = None
         self._boundary_cache: Optional[dict] = None
         self._mark_saved()
+        self._pending_log = None
         self.build()
         self._progress = self._load_checkpoint()
 
@@ -574,7 +621,11 @@ class Runner:
         self._install_signal_handlers()
         try:
             with self._progress_bar() as bar:
+                self._live_bar = bar
+                if bar is not None:
+                    self.strategy._reporter = self._phase
                 for task in self.stream.tasks[progress["tasks_done"] :]:
+                    self._current_task = task.id
                     if self.cfg.checkpoint and self._boundary_bytes is None:
                         # The first task of a fresh run: keep its start state for mid-task saves.
                         buf = io.BytesIO()
@@ -606,6 +657,7 @@ class Runner:
                         self._stop(f"after task {task.id}", save=None)  # saved just above
         finally:
             self._restore_signal_handlers()
+            self.strategy.__dict__.pop("_reporter", None)
 
         summary = self._summary(progress, self._elapsed())
         R = progress["R"]
@@ -650,16 +702,24 @@ class Runner:
 
         if not self.cfg.progress:
             return nullcontext(None)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
 
         return Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("steps  loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[unit]}  {task.fields[loss]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=self.console,
         )
+
+    def _phase(self, description: str, total: Optional[int]) -> PhaseProgress:
+        """A line of its own on the live progress display for a strategy's long phase."""
+        return _BarPhase(self._live_bar, f"task {self._current_task}: {description}", total)
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
@@ -728,3 +788,22 @@ class Runner:
         if stream.scenario == "class_il":
             summary["accuracy_matrix_task_aware"] = R_aware.tolist()
         return summary
+
+
+class _BarPhase(PhaseProgress):
+    """A strategy phase on the rich progress display (redrawn at most 20 times a second)."""
+
+    def __init__(self, progress, description: str, total: Optional[int]) -> None:
+        self.progress, self.done, self.shown = progress, 0, 0.0
+        self.bar = progress.add_task(description, total=total, loss="", unit="")
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.shown >= 0.05:
+            self.progress.update(self.bar, completed=self.done)
+            self.shown = now
+
+    def close(self) -> None:
+        self.progress.update(self.bar, completed=self.done)
+        self.progress.stop_task(self.bar)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,9 @@ METHODS = {
 def load_reference():
     """tests/test_gem_speed.py, which keeps the previous GEM/A-GEM gradient computation."""
     path = Path(__file__).resolve().parents[1] / "tests" / "test_gem_speed.py"
+    if not path.is_file():
+        sys.exit(f"bench_gem needs a clbench checkout (it compares against {path.name} in tests/); "
+                 "run it as python scripts/bench_gem.py there")
     spec = importlib.util.spec_from_file_location("gem_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -52,7 +52,11 @@ OPTIMIZERS = {
 
 def cifar_files(folder: Path, per_class: int, test_per_class: int, seed: int = 0) -> list[str]:
     """CIFAR-10 python batches of learnable but not trivial 32x32 images."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "tests" / "real_format.py").is_file():
+        sys.exit("isolation_bn_matrices needs a clbench checkout (it writes its data with tests/real_format.py); "
+                 "run it as python scripts/isolation_bn_matrices.py there")
+    sys.path.insert(0, str(checkout))
     from tests.real_format import write_cifar
 
     rng = np.random.default_rng(seed)

@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for the generative strategies")
     parser.add_argument("--protocol", nargs="*", default=["train.epochs=5"], help="overrides for every strategy")
     args = parser.parse_args()
-    conf = Path(__file__).resolve().parents[1] / "conf" / "strategy"
+    from importlib.resources import files
+
+    conf = Path(str(files("cl_bench.conf").joinpath("strategy")))  # the installed config tree
     rows = []
     for name in args.strategies:
         strategy, variant = VARIANTS.get(name, (name, []))

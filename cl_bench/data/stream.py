@@ -238,14 +238,26 @@ def split_by_classes(
 def resolve_class_order(
     class_order: str | Sequence[int], num_classes: int, seed: int
 ) -> list[int]:
-    """`natural`, `random` (seeded by `seed`), or an explicit permutation of 0..num_classes-1."""
+    """`natural`, `random` (seeded by the run seed), `seedN` (numpy's permutation under seed N,
+    whatever the run seed), or an explicit permutation of 0..num_classes-1.
+
+    `seed1993` is the CIFAR-100 order of iCaRL, LUCIR and PyCIL
+    (`np.random.seed(1993); np.random.permutation(100)`, listed as `cifar100_icarl` in FACIL's
+    `src/datasets/dataset_config.py`): 68, 56, 78, 8, 23, ...
+    """
     if isinstance(class_order, str):
         if class_order == "natural":
             return list(range(num_classes))
         if class_order == "random":
             return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+        if class_order.startswith("seed") and class_order[4:].isdigit() and int(class_order[4:]) < 2**32:
+            import numpy as np
+
+            # RandomState(N).permutation == np.random.seed(N); np.random.permutation (the global RNG untouched)
+            return np.random.RandomState(int(class_order[4:])).permutation(num_classes).tolist()
         raise CLBenchError(
-            f"dataset.class_order must be natural, random or a list of classes, got {class_order!r}"
+            "dataset.class_order must be natural, random, seedN (e.g. seed1993) or a list of classes, "
+            f"got {class_order!r}"
         )
     order = [int(c) for c in class_order]
     if sorted(order) != list(range(num_classes)):
@@ -293,17 +305,22 @@ def class_incremental_stream(
     val_fraction: float = 0.0,
     max_train_per_class: Optional[int] = None,
     transform: Optional[BatchTransform] = None,
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
-    """A labelled dataset split into `num_tasks` tasks of equally many classes.
+    """A labelled dataset split into `num_tasks` tasks of equally many classes (with
+    `first_task_classes`: a first task of that many, the rest shared evenly by the others).
 
     Images are uint8 (N, C, H, W). Without an explicit `transform`, inputs are scaled to
     [0, 1] and normalised with the training set's per-channel mean and std.
     """
     train = cap_per_class(train, max_train_per_class)
     num_classes = int(max(train.y.max(), test.y.max())) + 1
-    groups = group_classes(resolve_class_order(class_order, num_classes, seed), num_tasks)
+    groups = group_classes(resolve_class_order(class_order, num_classes, seed), num_tasks, first_task_classes)
     if transform is None:
-        pixels = train.x.float().div_(255.0).transpose(0, 1).reshape(train.x.shape[1], -1)
+        # the statistics of what BatchTransform normalises: uint8 images scaled to [0, 1],
+        # float features as they are (a user's dataset of feature vectors)
+        scale = 255.0 if train.x.dtype == torch.uint8 else 1.0
+        pixels = train.x.float().div(scale).transpose(0, 1).reshape(train.x.shape[1], -1)
         transform = BatchTransform(mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
     return split_by_classes(
         name,
@@ -318,10 +335,40 @@ def class_incremental_stream(
     )
 
 
-def group_classes(order: Sequence[int], num_tasks: int) -> list[list[int]]:
-    if num_tasks < 1 or len(order) % num_tasks:
+def check_task_split(num_classes: int, num_tasks: int, first_task_classes: Optional[int] = None) -> None:
+    """One-line errors for a split of `num_classes` classes into tasks that cannot be made."""
+    if num_tasks < 1:
+        raise CLBenchError(f"dataset.num_tasks must be at least 1, got {num_tasks}")
+    if first_task_classes is None:
+        if num_classes % num_tasks:
+            raise CLBenchError(
+                f"dataset.num_tasks={num_tasks} does not divide the {num_classes} classes evenly "
+                "(dataset.first_task_classes gives the first task more)"
+            )
+        return
+    if not 1 <= first_task_classes < num_classes:
         raise CLBenchError(
-            f"dataset.num_tasks={num_tasks} does not divide the {len(order)} classes evenly"
+            f"dataset.first_task_classes must be between 1 and {num_classes - 1} (the stream has "
+            f"{num_classes} classes), got {first_task_classes}"
         )
-    k = len(order) // num_tasks
-    return [list(order[i * k : (i + 1) * k]) for i in range(num_tasks)]
+    if num_tasks < 2:
+        raise CLBenchError(
+            f"dataset.first_task_classes={first_task_classes} needs dataset.num_tasks >= 2 (the first task "
+            f"plus the tasks sharing the other classes), got {num_tasks}"
+        )
+    rest = num_classes - first_task_classes
+    if rest % (num_tasks - 1):
+        raise CLBenchError(
+            f"dataset.first_task_classes={first_task_classes} leaves {rest} classes, which "
+            f"dataset.num_tasks - 1 = {num_tasks - 1} tasks cannot share evenly"
+        )
+
+
+def group_classes(order: Sequence[int], num_tasks: int, first_task_classes: Optional[int] = None) -> list[list[int]]:
+    """`order` cut into `num_tasks` tasks of equally many classes, or, with `first_task_classes`,
+    a first task of that many and `num_tasks - 1` equal tasks of the rest (LUCIR's and PODNet's
+    "B50, 10 steps": 50 classes, then 5 x 10)."""
+    check_task_split(len(order), num_tasks, first_task_classes)
+    first = len(order) // num_tasks if first_task_classes is None else first_task_classes
+    k = (len(order) - first) // max(num_tasks - 1, 1)
+    return [list(order[:first])] + [list(order[first + i * k : first + (i + 1) * k]) for i in range(num_tasks - 1)]

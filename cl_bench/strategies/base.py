@@ -10,6 +10,7 @@ strategy decides what one training step does and what happens around each task:
     after_task(task)                          consolidation (Fisher, exemplars, pruning, ...)
     summary() -> dict                         facts to report per task (memory, growth, ...)
     warn(message)                             a warning the runner logs once and writes to metrics.json
+    progress(description, total) -> advance   progress of a long phase outside the training steps
     artifacts(task) -> {name: images}         image grids the runner saves as PNG (e.g. samples)
     predict(x, task_id=None) -> scores        scores over the head's outputs
     state_dict() / load_state_dict(state)     everything beyond the model needed to resume
@@ -37,6 +38,23 @@ class Batch:
     y: torch.Tensor  # labels in output space
     raw: torch.Tensor  # the stored samples (uint8 images) the batch was drawn from, for memories
     task: Task
+
+
+class PhaseProgress:
+    """What `Strategy.progress` returns: a context manager giving an `advance(n=1)` callable.
+    This one shows nothing; the runner's subclass draws a bar."""
+
+    def __enter__(self):
+        return self.advance
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Strategy:
@@ -76,6 +94,22 @@ class Strategy:
             seen = [o for t in self.stream.tasks[: task.id + 1] for o in t.outputs]
             self.inactive = torch.ones(self.stream.num_outputs, dtype=torch.bool, device=self.device)
             self.inactive[seen] = False
+
+    def progress(self, description: str, total: Optional[int] = None) -> "PhaseProgress":
+        """Show the progress of a long phase outside the training steps (generator training,
+        a Fisher or importance pass, pruning and retraining, a bias-correction stage,
+        exemplar selection), on the runner's progress display:
+
+            with self.progress("Fisher", total=len(data)) as advance:
+                for ...:
+                    ...
+                    advance()      # or advance(n)
+
+        `total` counts whatever `advance` counts (batches, epochs, samples); None: unknown.
+        Without a display (progress=false, or the strategy used outside the runner) it does nothing.
+        """
+        reporter = self.__dict__.get("_reporter")
+        return PhaseProgress() if reporter is None else reporter(description, total)
 
     # ----- hooks -------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
