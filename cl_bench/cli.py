@@ -8,7 +8,7 @@ from importlib.resources import files
 
 from cl_bench import CLBenchError
 
-GROUPS = ("dataset", "backbone", "strategy", "device", "experiment")
+GROUPS = ("dataset", "backbone", "strategy", "device", "experiment", "logger")
 
 USAGE = """usage: clbench <command> [args]
 
@@ -42,15 +42,17 @@ def config_options() -> dict[str, list[tuple[str, str]]]:
 
 def list_command() -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     for group, entries in config_options().items():
-        table = Table(title=f"{group} (select with {group}=NAME)", title_justify="left")
+        how = f"{group}=[NAME,...], several at once" if group == "logger" else f"{group}=NAME"
+        table = Table(title=f"{group} (select with {how})", title_justify="left")
         table.add_column("name", style="bold")
         table.add_column("description")
         for name, desc in entries:
-            table.add_row(name, desc)
+            table.add_row(name, escape(desc))  # descriptions hold brackets: pip install 'clbench[wandb]'
         console.print(table)
     return 0
 
@@ -108,7 +110,10 @@ def unknown_group_option(args: list[str]) -> str | None:
         if not sep or key not in GROUPS or "(" in value:
             continue
         options = options or {g: [name for name, _ in entries] for g, entries in config_options().items()}
-        for choice in value.split(","):
+        for choice in value.strip("[] ").split(","):  # logger=[csv,tensorboard]: a list of options
+            choice = choice.strip()
+            if key == "logger" and not choice:
+                continue  # logger=[]
             if choice not in options[key] and not (key == "experiment" and choice == "null"):
                 return (
                     f"unknown {key} {choice!r}; choose one of: {', '.join(options[key])} "
@@ -170,7 +175,7 @@ def launch(args: list[str]) -> list[dict]:
     if problem:
         raise CommandLineProblem(problem)
 
-    from cl_bench.app import FAILURES, SUMMARIES, run_app
+    from cl_bench.app import FAILURES, SUMMARIES, SWEEP_DIRS, run_app
 
     _note_new_folders(args)
     argv, sys.argv = sys.argv, ["clbench run", *args]
@@ -181,20 +186,46 @@ def launch(args: list[str]) -> list[dict]:
     sys.stderr = _WithoutHydraPreamble(stderr)
     FAILURES.clear()
     SUMMARIES.clear()
+    SWEEP_DIRS.clear()
     try:
         run_app()
         if FAILURES:
             raise FAILURES.pop()
+        LAST_SWEEP_DIRS[:] = SWEEP_DIRS or _sweep_dir_of(args)
         return list(SUMMARIES)
     finally:
         sys.stderr, sys.argv = stderr, argv
         FAILURES.clear()
         SUMMARIES.clear()
+        SWEEP_DIRS.clear()
+
+
+# The sweep folder(s) of the last `launch` of a sweep, for the advice printed at its end.
+LAST_SWEEP_DIRS: list[str] = []
+
+
+def _sweep_dir_of(args: list[str]) -> list[str]:
+    """The sweep folder of a sweep whose jobs ran in other processes (joblib, submitit): the one
+    Hydra composed for it, else the `hydra.sweep.dir=` of the command line."""
+    if "-m" not in args and "--multirun" not in args:
+        return []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(HydraConfig.get().sweep.dir)]
+    except Exception:
+        pass
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "hydra.sweep.dir" and "${" not in value:
+            return [value.strip("'\"")]
+    return []
 
 
 def run_command(args: list[str]) -> int:
     from cl_bench.runner import RunInterrupted
 
+    LAST_SWEEP_DIRS.clear()
     try:
         launch(args)
     except CommandLineProblem as exc:
@@ -216,6 +247,8 @@ def run_command(args: list[str]) -> int:
         job = getattr(exc, "clbench_job", None)
         print(f"clbench: error: {describe(exc, args)}" + (f" [{job}]" if job else ""), file=sys.stderr)
         return 2
+    for sweep_dir in LAST_SWEEP_DIRS:
+        print(f"clbench: sweep done; compare its runs with: clbench report {sweep_dir}", file=sys.stderr)
     return 0
 
 

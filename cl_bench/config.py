@@ -16,7 +16,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object, instantiate
@@ -44,6 +44,12 @@ class OptimizerName(str, enum.Enum):
     adamw = "adamw"
 
 
+class SchedulerName(str, enum.Enum):
+    none = "none"
+    multistep = "multistep"
+    cosine = "cosine"
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 5
@@ -67,6 +73,26 @@ class TrainConfig:
     # bfloat16 (the weights, the optimizer and the strategies' end-of-task phases, e.g.
     # Fisher/importance passes, stay float32)
     precision: str = "32"
+    # Learning-rate schedule within each task (it restarts at every task), applied to the
+    # optimizer of the strategy's training steps, every param group scaled from its own base
+    # lr: none, multistep (x gamma at each epoch of `milestones`) or cosine (from the base lr
+    # to min_lr over the task's epochs). Set per epoch; the warm-up (linear from ~0, then the
+    # schedule) per step. See runner.lr_factor.
+    scheduler: SchedulerName = SchedulerName.none
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    # cosine's floor for train.lr (groups with another base lr: the same fraction of theirs)
+    min_lr: float = 0.0
+    # clip the total gradient norm of the optimizer's parameters before each step (FACIL's
+    # clipgrad); 0 or null: off
+    clip_grad_norm: Optional[float] = None
+    # evaluate the current task's validation split (dataset.val_fraction > 0) after each
+    # epoch: loss and accuracy to the loggers and the task's train_log entry
+    validate: bool = False
+    # early stopping (needs validate): stop a task after this many epochs without a lower
+    # validation loss and go back to the best epoch's weights (FACIL); 0: off
+    patience: int = 0
 
 
 @dataclass
@@ -78,6 +104,10 @@ class DeviceConfig:
     # cuDNN picks deterministic algorithms (and no autotuning): the same numbers on every run
     # of a GPU; false lets cuDNN benchmark and choose the fastest. Recorded in metrics.json.
     deterministic: bool = True
+    # At most this share of the GPU's memory (torch.cuda.set_per_process_memory_fraction), so
+    # that runs sharing a GPU cannot take each other's memory; null: no cap. A local parallel
+    # sweep with more workers than GPUs sets it to each run's share (cl_bench.sweep.assign_gpu).
+    memory_fraction: Optional[float] = None
 
 
 @dataclass
@@ -105,6 +135,9 @@ class RunConfig:
     eval_split: EvalSplit = EvalSplit.test
     # Metric the app returns to Hydra's sweepers (Optuna): acc, bwt, fwt, forgetting or avg_inc_acc.
     objective: str = "acc"
+    # The active experiment loggers (conf/logger/, `logger=[csv,tensorboard,wandb,mlflow]`):
+    # {name: {_target_: ..., options}}; null or empty: none. See cl_bench.loggers.
+    logger: Any = None
 
 
 def register_schema() -> None:
@@ -194,7 +227,19 @@ def build(node: DictConfig, where: str, **runtime_kwargs: Any) -> Any:
     """Instantiate a `_target_` node after checking its arguments (see `check_kwargs`)."""
     target = _target_of(node, where)
     kwargs = check_kwargs(target, node, where, provided=set(runtime_kwargs))
-    return target(**kwargs, **runtime_kwargs)
+    return target(**kwargs, **accepted(target, runtime_kwargs))
+
+
+def accepted(target: Any, runtime_kwargs: dict) -> dict:
+    """The runner's arguments that `target` takes: a user's dataset function need not take
+    `seed` or `scenario`, nor a backbone `input_shape` (the runner checks what they build)."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return runtime_kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return runtime_kwargs
+    return {k: v for k, v in runtime_kwargs.items() if k in params}
 
 
 # What the runner passes to each group's target itself (`build(..., **runtime_kwargs)`).
@@ -216,6 +261,47 @@ def _check_schema_keys(cfg: DictConfig) -> None:
 
 
 PRECISIONS = ("32", "bf16")
+
+
+def check_training_controls(cfg: DictConfig) -> None:
+    """train.scheduler/milestones/gamma/warmup_epochs/min_lr/clip_grad_norm/validate/patience and
+    dataset.first_task_classes: values that cannot work are refused in one line."""
+    t, ds = cfg.train, cfg.dataset
+    scheduler = getattr(t.scheduler, "value", t.scheduler)
+    milestones = list(t.milestones)
+    if milestones and scheduler != "multistep":
+        raise CLBenchError(f"train.milestones={milestones} need train.scheduler=multistep (it is {scheduler})")
+    if scheduler == "multistep" and not milestones:
+        raise CLBenchError("train.scheduler=multistep needs train.milestones (epochs within a task, e.g. [49,63])")
+    if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+        raise CLBenchError(f"train.milestones must be increasing epochs >= 1 within a task, got {milestones}")
+    if not (math.isfinite(t.gamma) and t.gamma > 0):
+        raise CLBenchError(f"train.gamma must be a positive finite number, got {t.gamma}")
+    if not 0 <= t.warmup_epochs <= t.epochs:
+        raise CLBenchError(f"train.warmup_epochs must be in [0, train.epochs={t.epochs}], got {t.warmup_epochs}")
+    if not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+        raise CLBenchError(f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    if t.min_lr > 0 and scheduler != "cosine":
+        raise CLBenchError(f"train.min_lr is the floor of train.scheduler=cosine (it is {scheduler}); leave it at 0")
+    clip = t.clip_grad_norm
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise CLBenchError(f"train.clip_grad_norm must be a positive finite number (0 or null: off), got {clip}")
+    if t.patience < 0:
+        raise CLBenchError(f"train.patience must be >= 0 (0: no early stopping), got {t.patience}")
+    if (t.validate or t.patience > 0) and ds.get("val_fraction", None) == 0:
+        what = "train.validate" if t.validate else f"train.patience={t.patience}"
+        raise CLBenchError(f"{what} needs a validation split: set dataset.val_fraction > 0 (e.g. 0.1)")
+    first = ds.get("first_task_classes", None)
+    if first is not None:
+        if first < 1:
+            raise CLBenchError(f"dataset.first_task_classes must be at least 1 (null: equal tasks), got {first}")
+        if ds.get("num_tasks", 2) < 2:
+            raise CLBenchError(f"dataset.first_task_classes={first} needs dataset.num_tasks >= 2, got {ds.num_tasks}")
+    num_classes = getattr(_target_of(ds, "dataset"), "num_classes", None)  # known for the bundled datasets
+    if isinstance(num_classes, int) and "num_tasks" in ds:
+        from cl_bench.data.stream import check_task_split
+
+        check_task_split(num_classes, ds.num_tasks, first)
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -246,8 +332,12 @@ def preflight(cfg: DictConfig) -> None:
         hint = "; fp16 needs a gradient scaler in every strategy's step, which clbench does not have yet: use bf16" \
             if str(t.precision) in ("fp16", "16", "16-mixed") else ""
         raise CLBenchError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}{hint}")
+    check_training_controls(cfg)
     if not 0 <= cfg.seed < 2**32:
         raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    fraction = cfg.device.memory_fraction
+    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise CLBenchError(f"device.memory_fraction must be in (0, 1] (null: no cap), got {fraction}")
     if cfg.device.num_threads is not None and cfg.device.num_threads < 1:
         raise CLBenchError(
             f"device.num_threads must be at least 1, got {cfg.device.num_threads} (null: torch's default)"
@@ -260,6 +350,9 @@ def preflight(cfg: DictConfig) -> None:
 
     resolve_device(cfg.device.name)
     parse_checkpoint_every(cfg.checkpoint_every)
+    from cl_bench.loggers import check_loggers
+
+    check_loggers(cfg)  # each logger's options, and that its library is installed
 
 
 __all__ = ["RunConfig", "TrainConfig", "DeviceConfig", "Scenario", "build", "check_kwargs", "preflight", "instantiate"]

@@ -79,3 +79,31 @@ def all_metrics(R, b: Optional[Sequence[float]] = None) -> dict[str, float]:
     }
     out["fwt"] = forward_transfer(R, b) if b is not None else float("nan")
     return out
+
+
+def learning_accuracy(R) -> float:
+    """LA = mean_k R[k, k]: accuracy on each task right after learning it (the "learning
+    accuracy" of Riemer et al. 2019, MER). It measures plasticity and, unlike FWT, is defined the
+    same way in every scenario."""
+    R = _matrix(R)
+    return float(np.mean(np.diag(R)))
+
+
+def transfer_vs_reference(R, R_ref) -> float:
+    """mean_{k>0} (R[k, k] - R_ref[k, k]): how much better (or worse) a method learns each new
+    task than a reference trained on the same stream and seed learns it.
+
+    Lopez-Paz & Ranzato (2017, Eq. 4) measure forward transfer against the random-init
+    accuracy b; Diaz-Rodriguez et al. (2018, "Don't forget, there is more than forgetting")
+    discuss it and alternatives. Comparing with a reference run instead of b is the
+    "learned after the earlier tasks vs. without them" view of forward transfer, e.g.
+    Wolczyk et al. (2021, Continual World), whose reference is the task trained from
+    scratch. Task 0 has nothing to transfer from and is left out; undefined (nan) for a
+    single task.
+    """
+    R, R_ref = _matrix(R), _matrix(R_ref)
+    if R.shape != R_ref.shape:
+        raise ValueError(f"the matrices must have the same shape, got {R.shape} and {R_ref.shape}")
+    if R.shape[0] < 2:
+        return float("nan")
+    return float(np.mean(np.diag(R)[1:] - np.diag(R_ref)[1:]))

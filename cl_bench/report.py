@@ -17,6 +17,32 @@ learning it. The paper tabulates I at the last task; `intransigence` here is the
 I_k over all tasks and `intransigence_last` the last one. It is computed per run against
 the `joint` run(s) of the same stream (dataset, dataset keys, scenario, eval split) and
 seed in the folder, and left empty when there is none.
+
+Views (`--view`). `scenario` (the default) shows each run's own numbers. `task_aware`
+shows, for class-IL runs, the task-aware accuracy matrix and metrics the runner also
+stores (`accuracy_matrix_task_aware`, `metrics_task_aware`: each prediction restricted to
+the classes of the evaluated task, as if the task id were given); task-IL and domain-IL
+runs have one view only and are shown with their own numbers and a note (task-IL
+predictions are task-aware already; in domain-IL every task has the same classes, so the
+restriction changes nothing). The reference-based columns (intransigence, FWT vs.
+finetune, learning accuracy) are computed from the matrices of the chosen view.
+
+Forward transfer. FWT (Lopez-Paz & Ranzato 2017, Eq. 4) is mean_{j>0} (R[j-1, j] - b_j)
+with b the random-init accuracy. In class-IL a task's classes are never predicted before
+the task is trained, so R[j-1, j] ~ 0 and FWT ~ -mean b_j for every method: it cannot
+tell methods apart, and the report says so beside the table. Two columns that can:
+`la`, the learning accuracy mean_k R[k, k] (Riemer et al. 2019, MER), and `fwt_finetune`,
+mean_{k>0} (R[k, k] - R_finetune[k, k]) against the `finetune` run of the same stream and
+seed (`fwt_individual` likewise against `individual_networks`, a network trained on each
+task alone, task-IL only): how much better a method learns each new task than the
+reference does (the reference-run view of forward transfer discussed by Diaz-Rodriguez
+et al. 2018 and used e.g. by Wolczyk et al. 2021, Continual World).
+
+Outputs are written to one folder (default `PATH/report`, `PATH/report_task_aware` for
+the task-aware view) with a manifest (`.clbench_report.json`) of the files written; a
+later report into the same folder removes the files of the manifest it does not write
+again, so the folder holds exactly what the last report asked for, and never touches
+any other file.
 """
 
 from __future__ import annotations
@@ -33,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from cl_bench import CLBenchError
+from cl_bench.metrics import learning_accuracy, transfer_vs_reference
 from cl_bench.sweep import FAILED_FILE, METRICS_FILE
 
 # name -> (column label, kind); kind decides the display format.
@@ -40,7 +67,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "acc": ("ACC", "pct"),
     "bwt": ("BWT", "pct"),
     "fwt": ("FWT", "pct"),
+    "fwt_finetune": ("FWT vs. finetune", "pct"),
+    "fwt_individual": ("FWT vs. individual", "pct"),
     "forgetting": ("Forgetting", "pct"),
+    "la": ("Learning ACC", "pct"),
     "avg_inc_acc": ("Avg. inc. ACC", "pct"),
     "intransigence": ("Intransigence", "pct"),
     "intransigence_last": ("Intransigence (last task)", "pct"),
@@ -50,11 +80,21 @@ METRICS: dict[str, tuple[str, str]] = {
     "memory": ("Memory (samples)", "count"),
     "memory_mb": ("Memory (MB)", "float"),
 }
-DEFAULT_METRICS = ("acc", "bwt", "fwt", "forgetting", "intransigence", "time", "parameters", "memory", "memory_mb")
-FORMATS = ("console", "csv", "markdown", "latex")
+DEFAULT_METRICS = ("acc", "bwt", "fwt", "fwt_finetune", "fwt_individual", "forgetting", "la", "intransigence",
+                   "time", "parameters", "memory", "memory_mb")
+FORMATS = ("console", "csv", "markdown", "latex", "plots")
+VIEWS = ("scenario", "task_aware")
+# Reference strategies: metric -> (strategy name, class name) of the run it compares with.
+REFERENCES = {"fwt_finetune": ("finetune", "Finetune"), "fwt_individual": ("individual_networks", "IndividualNetworks")}
+# The files a report writes (anything else in the output folder is never touched).
+MANIFEST = ".clbench_report.json"
+OWNED_NAME = re.compile(r"(report\.(csv|md|tex)|(heatmaps|curves)_[A-Za-z0-9_.-]+\.(png|pdf))")
 SECTION_KEYS = ("dataset", "scenario")
 # Config keys that never change a run's results (besides the seed, which is aggregated over).
-IGNORED_KEYS = {"seed", "output_dir", "progress", "resume", "checkpoint", "objective", "device.num_threads"}
+IGNORED_KEYS = {"seed", "output_dir", "progress", "resume", "checkpoint", "checkpoint_every", "objective",
+                "device.num_threads", "device.memory_fraction"}
+# ... and every key under these (where the logs went)
+IGNORED_PREFIXES = ("logger",)
 # strategy_info keys a strategy's summary() may use for the memory columns.
 MEMORY_SAMPLE_KEYS = ("exemplars", "memory_samples")
 MEMORY_BYTE_KEYS = ("bytes", "memory_bytes")
@@ -161,6 +201,10 @@ def read_run(path: Path) -> Optional[RunRecord]:
     return RunRecord(path, "unfinished", overrides=overrides, reason=reason)
 
 
+def _is_report_folder(path: Path) -> bool:
+    return path.name in ("report", "report_task_aware") or (path / MANIFEST).exists()
+
+
 def find_runs(root: Path) -> list[RunRecord]:
     root = Path(root)
     if not root.is_dir():
@@ -168,7 +212,8 @@ def find_runs(root: Path) -> list[RunRecord]:
     records = []
     for dirpath, dirnames, _ in os.walk(root):
         # Natural order (2 before 10), so rows follow the sweep's job order.
-        dirnames[:] = sorted((d for d in dirnames if d not in (".hydra", ".submitit", "artifacts", "report")),
+        dirnames[:] = sorted((d for d in dirnames if d not in (".hydra", ".submitit", "artifacts")
+                              and not _is_report_folder(Path(dirpath) / d)),
                              key=lambda d: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", d)])
         record = read_run(Path(dirpath))
         if record is not None:
@@ -189,19 +234,51 @@ def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def run_values(summary: dict) -> dict:
-    m, timing, info = summary.get("metrics") or {}, summary.get("timing") or {}, summary.get("strategy_info") or {}
+def has_task_aware_view(summary: dict) -> bool:
+    """Only class-IL runs have a task-aware view distinct from their own numbers."""
+    return summary.get("scenario") == "class_il"
+
+
+def view_matrix_and_metrics(summary: dict, view: str) -> tuple[np.ndarray, dict]:
+    """The accuracy matrix and metrics of `view` (runs with one view: their own)."""
+    if view == "task_aware" and has_task_aware_view(summary):
+        return (np.asarray(summary["accuracy_matrix_task_aware"], dtype=float),
+                summary.get("metrics_task_aware") or {})
+    return np.asarray(summary["accuracy_matrix"], dtype=float), summary.get("metrics") or {}
+
+
+def _missing_view(summary: dict, view: str) -> Optional[str]:
+    """Why a complete run cannot be shown in `view`, or None."""
+    if view != "task_aware" or not has_task_aware_view(summary):
+        return None
+    try:
+        R = np.asarray(summary["accuracy_matrix_task_aware"], dtype=float)
+    except Exception:
+        return "metrics.json has no task-aware accuracy matrix (written by an older clbench); rerun it"
+    if R.shape != np.shape(summary["accuracy_matrix"]) or not np.isfinite(R).all():
+        return "metrics.json holds an unusable task-aware accuracy matrix"
+    if not isinstance(summary.get("metrics_task_aware"), dict):
+        return "metrics.json has no metrics_task_aware (written by an older clbench); rerun it"
+    return None
+
+
+def run_values(summary: dict, view: str = "scenario") -> dict:
+    R, m = view_matrix_and_metrics(summary, view)
+    timing, info = summary.get("timing") or {}, summary.get("strategy_info") or {}
     return {
         "acc": _num(m.get("acc")),
         "bwt": _num(m.get("bwt")),
         "fwt": _num(m.get("fwt")),
         "forgetting": _num(m.get("forgetting")),
         "avg_inc_acc": _num(m.get("avg_inc_acc")),
+        "la": learning_accuracy(R),
         "time": _num(timing.get("total_s")),
         "train_time": float(sum(timing.get("train_s") or [])),
         "parameters": _num(summary.get("parameters")),
         "memory": _first(info, MEMORY_SAMPLE_KEYS),
         "memory_mb": _first(info, MEMORY_BYTE_KEYS) / 1e6,
+        # for the FWT note: mean_{j>0} R[j-1, j], the first of FWT's two terms
+        "fwt_seen": float(np.mean([R[j - 1, j] for j in range(1, len(R))])) if len(R) > 1 else math.nan,
     }
 
 
@@ -211,26 +288,37 @@ def _stream_key(keys: dict) -> tuple:
     return tuple((k, json.dumps(v, sort_keys=True, default=str)) for k, v in parts)
 
 
-def _is_joint(record: RunRecord) -> bool:
+def _is_strategy(record: RunRecord, name: str, cls: str) -> bool:
     target = str((record.summary.get("config") or {}).get("strategy", {}).get("_target_", ""))
-    return record.summary.get("strategy") == "joint" or target.endswith(".Joint")
+    return record.summary.get("strategy") == name or target.endswith("." + cls)
 
 
-def add_intransigence(records: list[RunRecord], values: list[dict]) -> None:
-    """Per run: mean_k and last-k of (joint's R[k, k] - R[k, k]) on the same stream and seed."""
-    joints: dict[tuple, list[np.ndarray]] = {}
-    for rec in records:
-        if _is_joint(rec):
-            joints.setdefault(_stream_key(rec.keys), []).append(np.diag(np.asarray(rec.summary["accuracy_matrix"], float)))
-    for rec, vals in zip(records, values):
-        refs = [d for d in joints.get(_stream_key(rec.keys), [])]
-        diag = np.diag(np.asarray(rec.summary["accuracy_matrix"], float))
-        refs = [d for d in refs if d.shape == diag.shape]
-        if not refs:
+def _references(records: list[RunRecord], matrices: list[np.ndarray], name: str, cls: str) -> dict:
+    """stream key -> the matrices of the runs of strategy `name` on that stream and seed."""
+    refs: dict[tuple, list[np.ndarray]] = {}
+    for rec, R in zip(records, matrices):
+        if _is_strategy(rec, name, cls):
+            refs.setdefault(_stream_key(rec.keys), []).append(R)
+    return refs
+
+
+def add_reference_metrics(records: list[RunRecord], matrices: list[np.ndarray], values: list[dict]) -> None:
+    """Per run, against the runs of a reference strategy on the same stream and seed:
+    intransigence (joint's R[k, k] - R[k, k]: mean over k and last k) and the FWT-vs-reference
+    columns (mean_{k>0} R[k, k] - reference's R[k, k]); nan without a reference run."""
+    joints = _references(records, matrices, "joint", "Joint")
+    others = {metric: _references(records, matrices, *ref) for metric, ref in REFERENCES.items()}
+    for rec, R, vals in zip(records, matrices, values):
+        key = _stream_key(rec.keys)
+        refs = [np.diag(J) for J in joints.get(key, []) if J.shape == R.shape]
+        if refs:
+            gap = np.mean(refs, axis=0) - np.diag(R)
+            vals["intransigence"], vals["intransigence_last"] = float(gap.mean()), float(gap[-1])
+        else:
             vals["intransigence"] = vals["intransigence_last"] = math.nan
-            continue
-        gap = np.mean(refs, axis=0) - diag
-        vals["intransigence"], vals["intransigence_last"] = float(gap.mean()), float(gap[-1])
+        for metric, by_stream in others.items():
+            same = [M for M in by_stream.get(key, []) if M.shape == R.shape]
+            vals[metric] = transfer_vs_reference(R, np.mean(same, axis=0)) if same else math.nan
 
 
 # ----- grouping and aggregation ---------------------------------------------------------------
@@ -239,7 +327,7 @@ def varying_keys(records: list[RunRecord]) -> list[str]:
     all_keys = sorted({k for r in records for k in r.keys})
     out = []
     for k in all_keys:
-        if k in IGNORED_KEYS or k in SECTION_KEYS:
+        if k in IGNORED_KEYS or k in SECTION_KEYS or k.startswith(IGNORED_PREFIXES):
             continue
         if len({json.dumps(r.keys.get(k), sort_keys=True, default=str) for r in records}) > 1:
             out.append(k)
@@ -263,35 +351,44 @@ class Report:
     table: pd.DataFrame  # one row per group: section keys, group keys, n, seeds, <metric>_mean/_std
     group_keys: dict  # section tuple -> the keys its rows are grouped by
     metrics: list[str]
-    problems: list[RunRecord]  # failed and unfinished runs
-    runs: pd.DataFrame  # one row per complete run
+    problems: list[RunRecord]  # failed and unfinished runs (and runs the view cannot show)
+    runs: pd.DataFrame  # one row per complete run; "matrix" is the view's accuracy matrix
     warnings: list[str]
+    view: str = "scenario"
+    notes: dict = field(default_factory=dict)  # section tuple -> lines printed beside its table
 
 
 def build_report(
-    root: Path, by: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None
+    root: Path, by: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None,
+    view: str = "scenario",
 ) -> Report:
+    if view not in VIEWS:
+        raise CLBenchError(f"unknown --view {view!r}; choose from {', '.join(VIEWS)}")
     records = find_runs(root)
     if not records:
         raise CLBenchError(f"no runs in {root}: no folder under it holds metrics.json, failed.json or .hydra/")
+    for rec in records:
+        problem = _missing_view(rec.summary, view) if rec.status == "completed" else None
+        if problem:
+            rec.status, rec.reason = "failed", problem
     complete = [r for r in records if r.status == "completed"]
     problems = [r for r in records if r.status != "completed"]
     if metrics:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise CLBenchError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    values = [run_values(r.summary) for r in complete]
-    add_intransigence(complete, values)
+    values = [run_values(r.summary, view) for r in complete]
+    matrices = [view_matrix_and_metrics(r.summary, view)[0] for r in complete]
+    add_reference_metrics(complete, matrices, values)
     known_keys = sorted({k for r in complete for k in r.keys})
     if by:
         unknown = [k for k in by if k not in known_keys]
         if unknown and complete:
             raise CLBenchError(f"unknown --by key {unknown[0]!r}; the runs have: {', '.join(known_keys)}")
     rows = []
-    for rec, vals in zip(complete, values):
+    for rec, R, vals in zip(complete, matrices, values):
         row = {k: _hashable(rec.keys.get(k)) for k in known_keys}
-        row.update({"seed": rec.keys.get("seed"), "path": str(rec.path)})
-        row["matrix"] = np.asarray(rec.summary["accuracy_matrix"], dtype=float)
+        row.update({"seed": rec.keys.get("seed"), "path": str(rec.path), "matrix": R})
         row.update({f"value:{k}": v for k, v in vals.items()})
         rows.append(row)
     runs = pd.DataFrame(rows)
@@ -299,16 +396,18 @@ def build_report(
         m for m in DEFAULT_METRICS if not runs.empty and runs[f"value:{m}"].notna().any()
     ]
     group_keys: dict = {}
-    out_rows, warnings = [], []
+    out_rows, warnings, notes = [], [], {}
     if not runs.empty:
         for section, sec_df in runs.groupby(list(SECTION_KEYS), sort=True, dropna=False):
             sec_records = [complete[i] for i in sec_df.index]
             keys = [k for k in by if k not in SECTION_KEYS] if by else varying_keys(sec_records)
             group_keys[section] = keys
+            notes[section] = section_notes(section, sec_df, chosen, view)
             grouped = sec_df.groupby(keys, sort=False, dropna=False) if keys else [((), sec_df)]
             for gval, g in grouped:
                 gval = gval if isinstance(gval, tuple) else (gval,)
                 row = dict(zip(SECTION_KEYS, section))
+                row["view"] = view
                 row.update(dict(zip(keys, gval)))
                 seeds = list(g["seed"])
                 if len(set(seeds)) < len(seeds):
@@ -325,7 +424,64 @@ def build_report(
                     row[f"{m}_std"] = col.std(ddof=1) if col.notna().sum() > 1 else math.nan
                 out_rows.append(row)
     table = pd.DataFrame(out_rows)
-    return Report(table, group_keys, chosen, problems, runs, warnings)
+    return Report(table, group_keys, chosen, problems, runs, warnings, view, notes)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def section_notes(section: tuple, runs: pd.DataFrame, chosen: Sequence[str], view: str) -> list[str]:
+    """What a reader needs beside a section's table: the view, and columns that mislead or are empty."""
+    scenario = section[1]
+    notes = []
+    if view == "task_aware":
+        if scenario == "class_il":
+            notes.append("Task-aware view: every prediction restricted to the classes of the evaluated task "
+                         "(as if the task id were given); numbers from the runs' metrics_task_aware and "
+                         "accuracy_matrix_task_aware.")
+        elif scenario == "task_il":
+            notes.append("task-IL runs have one view: their own numbers are shown (the task id is given at "
+                         "test time, so they are task-aware already).")
+        else:
+            notes.append(f"{scenario} runs have one view: their own numbers are shown (every task has the same "
+                         "classes, so restricting a prediction to the task's classes changes nothing).")
+    if "fwt" in chosen and scenario in ("class_il", "task_il") and runs["value:fwt"].notna().any():
+        # FWT = mean_{j>0} R[j-1, j] - mean_{j>0} b_j: its two terms, from the view's own numbers
+        seen = runs["value:fwt_seen"].mean()
+        init = seen - runs["value:fwt"].mean()
+        better = [METRICS[m][0] for m in ("la", "fwt_finetune", "fwt_individual")
+                  if m in chosen and runs[f"value:{m}"].notna().any()]
+        instead = (f"compare {' and '.join(better)}" if better else
+                   "compare learning accuracy (--metrics la) or FWT vs. finetune (--metrics fwt_finetune, with "
+                   "finetune runs in the folder)")
+        terms = f"here mean R[j-1, j] = {_pct(seen)}, mean b_j = {_pct(init)}"
+        if scenario == "class_il" and view == "scenario":
+            notes.append(
+                "FWT (Lopez-Paz & Ranzato 2017) is mean_j R[j-1, j] - b_j, b the random-init accuracy. In class-IL "
+                "a task's classes are never predicted before the task is trained, so R[j-1, j] ≈ 0 and FWT ≈ -mean "
+                f"b_j for every method ({terms}): it does not tell methods apart; {instead} (or --view task_aware).")
+        else:
+            notes.append(
+                "FWT (Lopez-Paz & Ranzato 2017) is mean_j R[j-1, j] - b_j, b the random-init accuracy. Before task j "
+                "is trained the outputs of its classes are untrained, so both terms are near chance for most methods "
+                f"({terms}) and FWT is mostly noise; {instead}.")
+    if "la" in chosen:
+        notes.append("Learning ACC = mean_k R[k, k], accuracy on each task right after learning it "
+                     "(Riemer et al. 2019).")
+    for metric, (ref, _) in REFERENCES.items():
+        if metric not in chosen:
+            continue
+        if runs[f"value:{metric}"].notna().any():
+            notes.append(f"{METRICS[metric][0]} = mean_(k>0) (R[k, k] - {ref}'s R[k, k]) on the same stream and "
+                         f"seed: > 0 when a method learns new tasks better than {ref} does.")
+        else:
+            notes.append(f"{METRICS[metric][0]} is empty: no {ref} run of the same stream and seed in the folder.")
+    for metric in ("intransigence", "intransigence_last"):
+        if metric in chosen and not runs[f"value:{metric}"].notna().any():
+            notes.append(f"{METRICS[metric][0]} is empty: no joint run of the same stream and seed in the folder.")
+            break
+    return notes
 
 
 def _hashable(value: Any) -> Any:
@@ -370,18 +526,24 @@ def section_tables(report: Report, pm: str = " ± ") -> list[tuple[tuple, pd.Dat
     return out
 
 
-def _title(section: tuple) -> str:
-    return f"{section[0]}, {section[1]}"
+VIEW_TITLES = {"scenario": "", "task_aware": " (task-aware view)"}
+
+
+def _title(section: tuple, view: str = "scenario") -> str:
+    suffix = VIEW_TITLES[view] if section[1] == "class_il" or view == "scenario" else " (one view: its own numbers)"
+    return f"{section[0]}, {section[1]}{suffix}"
 
 
 def to_markdown(report: Report) -> str:
-    parts = ["# clbench report\n", "Mean ± std over seeds (n runs per row).\n"]
+    parts = [f"# clbench report{VIEW_TITLES[report.view]}\n", "Mean ± std over seeds (n runs per row).\n"]
     for section, disp in section_tables(report):
-        parts.append(f"\n## {_title(section)}\n\n")
+        parts.append(f"\n## {_title(section, report.view)}\n\n")
         parts.append("| " + " | ".join(disp.columns) + " |\n")
         parts.append("|" + "|".join("---" for _ in disp.columns) + "|\n")
         for _, row in disp.iterrows():
             parts.append("| " + " | ".join(str(v) for v in row) + " |\n")
+        for note in report.notes.get(section, []):
+            parts.append(f"\n*Note:* {note}\n")
     if report.problems:
         parts.append("\n## Failed or unfinished runs (not averaged in)\n\n| status | run | overrides | reason |\n|---|---|---|---|\n")
         for r in report.problems:
@@ -390,25 +552,29 @@ def to_markdown(report: Report) -> str:
 
 
 def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$")):
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$"),
+                 ("~", r"\textasciitilde{}"), ("≈", r"$\approx$"), ("±", r"$\pm$"), ("–", "--")):
         text = text.replace(a, b)
     return text
 
 
 def to_latex(report: Report) -> str:
-    """booktabs tables, one per section."""
+    """booktabs tables, one per section, with the section's notes under the table."""
     parts = ["% clbench report: mean $\\pm$ std over seeds; needs \\usepackage{booktabs}\n"]
     for section, disp in section_tables(report, pm=" $\\pm$ "):
         cols = list(disp.columns)
         parts.append("\\begin{table}[t]\n\\centering\n")
-        parts.append(f"\\caption{{{_latex_escape(_title(section))}}}\n")
+        parts.append(f"\\caption{{{_latex_escape(_title(section, report.view))}}}\n")
         parts.append("\\begin{tabular}{" + "l" * (len(cols) - len(report.metrics) - 1) + "r" * (len(report.metrics) + 1) + "}\n\\toprule\n")
         parts.append(" & ".join(_latex_escape(c) for c in cols) + " \\\\\n\\midrule\n")
         for _, row in disp.iterrows():
             cells = [str(v) if "$\\pm$" in str(v) else _latex_escape(str(v)) for v in row]
             cells = [c.replace("–", "--") for c in cells]
             parts.append(" & ".join(cells) + " \\\\\n")
-        parts.append("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+        parts.append("\\bottomrule\n\\end{tabular}\n")
+        for note in report.notes.get(section, []):
+            parts.append(f"\\par\\smallskip{{\\footnotesize {_latex_escape(note)}}}\n")
+        parts.append("\\end{table}\n")
     return "".join(parts)
 
 
@@ -419,16 +585,21 @@ def to_csv(report: Report) -> str:
 
 def print_console(report: Report, console: Any = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from cl_bench.results import print_line, print_table
 
     console = console or Console()
     for section, disp in section_tables(report):
-        table = Table(title=f"{_title(section)}  (mean ± std over seeds)", title_justify="left")
+        table = Table(title=f"{_title(section, report.view)}  (mean ± std over seeds)", title_justify="left")
         for col in disp.columns:
             table.add_column(col, justify="left" if col in report.group_keys.get(section, []) else "right")
         for _, row in disp.iterrows():
-            table.add_row(*[str(v) for v in row])
-        console.print(table)
+            table.add_row(*[escape(str(v)) for v in row])
+        print_table(console, table)
+        for note in report.notes.get(section, []):
+            print_line(console, f"[dim]note:[/] {escape(note)}")
     if report.table.empty:
         console.print("no complete runs found")
     if report.problems:
@@ -437,10 +608,63 @@ def print_console(report: Report, console: Any = None) -> None:
             table.add_column(col)
         for r in report.problems:
             style = "red" if r.status == "failed" else "yellow"
-            table.add_row(f"[{style}]{r.status}[/]", str(r.path), " ".join(map(str, r.overrides)), r.reason)
-        console.print(table)
+            table.add_row(f"[{style}]{r.status}[/]", escape(str(r.path)), escape(" ".join(map(str, r.overrides))),
+                          escape(r.reason))
+        print_table(console, table)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        print_line(console, f"[yellow]warning:[/] {escape(w)}")
+
+
+# ----- writing ------------------------------------------------------------------------------
+def _read_manifest(out: Path) -> list[str]:
+    """The file names an earlier report wrote to `out` (only names a report can write)."""
+    try:
+        names = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and OWNED_NAME.fullmatch(n)]
+
+
+def write_outputs(report: Report, out: Path, formats: Sequence[str]) -> list[Path]:
+    """Write the file formats asked for to `out`; remove what an earlier report wrote there
+    and this one does not (per `out`'s manifest); record the new set in the manifest.
+
+    Before writing, the manifest lists the old files and every file this report may write,
+    so that a report that fails half-way leaves no file the next one does not know about."""
+    from cl_bench.results import atomic_write_text
+
+    out = Path(out)
+    tables = [(name, render) for fmt, name, render in (("csv", "report.csv", to_csv),
+                                                        ("markdown", "report.md", to_markdown),
+                                                        ("latex", "report.tex", to_latex)) if fmt in formats]
+    plots = "plots" in formats and not report.runs.empty
+    old = _read_manifest(out)
+    planned = [name for name, _ in tables]
+    if plots:
+        from cl_bench.plots import plot_names, write_plots
+
+        planned += plot_names(report)
+
+    def record(names) -> None:
+        atomic_write_text(out / MANIFEST, json.dumps({"files": sorted(set(names))}, indent=1) + "\n")
+
+    if planned:
+        record(old + planned)
+    written: list[Path] = []
+    for name, render in tables:
+        atomic_write_text(out / name, render(report))
+        written.append(out / name)
+    if plots:
+        written += write_plots(report, out)
+    names = {p.name for p in written}
+    for stale in old:
+        if stale not in names and ((out / stale).is_file() or (out / stale).is_symlink()):
+            (out / stale).unlink()
+    if written:
+        record(names)
+    elif (out / MANIFEST).is_file():
+        (out / MANIFEST).unlink()
+    return written
 
 
 # ----- command -----------------------------------------------------------------------------
@@ -448,8 +672,6 @@ def report_command(args: list[str]) -> int:
     import argparse
 
     from rich.console import Console
-
-    from cl_bench.results import atomic_write_text
 
     parser = argparse.ArgumentParser(
         prog="clbench report",
@@ -459,10 +681,16 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("--by", default="", help="comma-separated config keys to group rows by "
                         "(default: the keys that differ across runs, other than the seed)")
     parser.add_argument("--metrics", default="", help=f"comma-separated columns among: {', '.join(METRICS)}")
-    parser.add_argument("--format", default="console,csv,markdown,latex",
-                        help=f"comma-separated outputs among: {', '.join(FORMATS)}")
-    parser.add_argument("--out", default="", help="folder for report.csv/.md/.tex and plots (default: PATH/report)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    parser.add_argument("--format", default=",".join(FORMATS),
+                        help=f"comma-separated outputs among: {', '.join(FORMATS)} (default: all); files an "
+                        "earlier report wrote to the same folder and this one does not are removed")
+    parser.add_argument("--view", default="scenario", choices=VIEWS,
+                        help="scenario: each run's own numbers (default); task_aware: class-IL runs' task-aware "
+                        "matrix and metrics (other scenarios have one view and keep their own)")
+    parser.add_argument("--out", default="", help="folder for report.csv/.md/.tex and plots "
+                        "(default: PATH/report, PATH/report_task_aware for --view task_aware)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="skip the plots (the same as leaving plots out of --format)")
     from cl_bench.cli import quiet_parse
 
     ns = quiet_parse(parser, args)
@@ -471,21 +699,18 @@ def report_command(args: list[str]) -> int:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise CLBenchError(f"unknown --format {bad[0]!r}; choose from {', '.join(FORMATS)}")
-    report = build_report(Path(ns.path), by=split(ns.by) or None, metrics=split(ns.metrics) or None)
-    out = Path(ns.out) if ns.out else Path(ns.path) / "report"
+    if ns.no_plots:
+        formats = [f for f in formats if f != "plots"]
+    report = build_report(Path(ns.path), by=split(ns.by) or None, metrics=split(ns.metrics) or None, view=ns.view)
+    out = Path(ns.out) if ns.out else Path(ns.path) / ("report" if ns.view == "scenario" else "report_task_aware")
     console = Console()
     if "console" in formats:
         print_console(report, console)
-    written = []
-    for fmt, name, render in (("csv", "report.csv", to_csv), ("markdown", "report.md", to_markdown),
-                              ("latex", "report.tex", to_latex)):
-        if fmt in formats:
-            atomic_write_text(out / name, render(report))
-            written.append(out / name)
-    if not ns.no_plots and not report.runs.empty:
-        from cl_bench.plots import write_plots
-
-        written += write_plots(report, out)
+    written = write_outputs(report, out, formats)
     if written:
-        console.print(f"wrote {len(written)} file(s) to {out}")
+        from rich.markup import escape
+
+        from cl_bench.results import print_line
+
+        print_line(console, f"wrote {len(written)} file(s) to {escape(str(out))}")
     return 0

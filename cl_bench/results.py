@@ -140,6 +140,35 @@ def write_results(
     atomic_write_text(out_dir / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
 
 
+def print_table(console: Any, table: Any) -> None:
+    """Print a rich table without cutting a header or a cell short.
+
+    Rich shrinks a table that is wider than the console and ends the text that does not
+    fit with an ellipsis; piped output (a file, `less`, `grep`) gets rich's default width
+    of 80 columns. So: piped or redirected output is printed at the table's natural width
+    (one line per row); a terminal gets its own width when every word fits whole in it
+    (cells then wrap between words), else the narrowest width that keeps each word whole
+    (the terminal wraps the long lines). Text never ends in an ellipsis: a word that must
+    be broken is folded onto the next line instead.
+    """
+    from rich.measure import Measurement
+
+    wide = console.options.update_width(1_000_000)
+    for column in table.columns:
+        column.overflow = "fold"
+        if console.is_terminal:  # rich narrows columns below their longest word; keep words whole
+            cells = [column.header, *column.cells]
+            column.min_width = max(Measurement.get(console, wide, cell).minimum for cell in cells)
+    size = Measurement.get(console, wide, table)
+    table.width = max(size.minimum, min(size.maximum, console.width)) if console.is_terminal else size.maximum
+    console.print(table, crop=False)
+
+
+def print_line(console: Any, text: str) -> None:
+    """A line of text; piped output keeps it on one line (paths stay whole for copy and grep)."""
+    console.print(text, soft_wrap=not console.is_terminal, highlight=False)
+
+
 def print_summary(console, summary: dict, R: np.ndarray, R_task_aware: Optional[np.ndarray]) -> None:
     from rich.table import Table
 
@@ -150,12 +179,13 @@ def print_summary(console, summary: dict, R: np.ndarray, R_task_aware: Optional[
         for j in range(T):
             table.add_column(f"task {j}", justify="right")
         for i in range(T):
-            table.add_row(str(i), *[_fmt(v) for v in M[i]])
+            # above the diagonal: task j not trained yet (dim, so it does not read as forgetting)
+            table.add_row(str(i), *[_fmt(v) if j <= i else f"[dim]{_fmt(v)}[/]" for j, v in enumerate(M[i])])
         return table
 
-    console.print(matrix_table("Accuracy matrix (%)", R))
+    print_table(console, matrix_table("Accuracy matrix (%)  (dim: task not trained yet)", R))
     if R_task_aware is not None:
-        console.print(matrix_table("Task-aware accuracy matrix (%)", R_task_aware))
+        print_table(console, matrix_table("Task-aware accuracy matrix (%)  (dim: task not trained yet)", R_task_aware))
     metrics = Table(title="Metrics (%)", title_justify="left")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
@@ -166,9 +196,12 @@ def print_summary(console, summary: dict, R: np.ndarray, R_task_aware: Optional[
         if R_task_aware is not None:
             row.append(_fmt(summary["metrics_task_aware"].get(key)))
         metrics.add_row(*row)
-    console.print(metrics)
+    print_table(console, metrics)
     t = summary["timing"]
-    console.print(
+    from rich.markup import escape
+
+    print_line(
+        console,
         f"train {sum(t['train_s']):.2f} s, eval {sum(t['eval_s']):.2f} s, total {t['total_s']:.2f} s"
-        f"  ->  {summary['output_dir']}"
+        f"  ->  {escape(str(summary['output_dir']))}",
     )

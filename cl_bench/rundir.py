@@ -31,7 +31,10 @@ LOCK_FILE = ".clbench.lock"
 RECORD_DIR = ".hydra"
 # Files of one run, removed before a run starts over (resume=false).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "results.md", "accuracy_matrix.csv",
-             "accuracy_matrix_task_aware.csv", "failed.json")
+             "accuracy_matrix_task_aware.csv", "failed.json",
+             # the loggers' files and folders at their default places (cl_bench.loggers)
+             "steps.csv", "evals.csv", "scalars.csv", "mlflow.db")
+RUN_FOLDERS = ("artifacts", "tensorboard", "wandb", "mlartifacts")
 # The temporary names `results.atomic_write_bytes` uses: `.<name>.<random>.tmp`.
 TEMP_GLOB = ".*.tmp"
 
@@ -198,7 +201,8 @@ class RunFolder:
         for name in names:
             (self.path / name).unlink(missing_ok=True)
         if start_over:
-            shutil.rmtree(self.path / "artifacts", ignore_errors=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
         for name, text in record.items():
             atomic_write_text(self.path / RECORD_DIR / name, text)
         if self._fd is not None:

@@ -17,7 +17,9 @@ Checkpoints (`checkpoint.pt` in the run folder, one file, always written atomica
   masks, hooks, ...) is recomputed from the same weights and RNG states as the first
   time, and then loads the snapshot on top: model, optimizer, all RNG states (the
   data generator drives the data order and the augmentation), the epoch's
-  permutation and position, the running loss sums, and the strategy state that the
+  permutation and position, the running loss sums, the task's validation history and
+  early-stopping state (best loss, epoch and weights, epochs without gain; the lr schedule
+  is a function of the position, see `lr_factor`), and the strategy state that the
   task's training steps changed (`capture_task_state`: every tensor, module, optimizer,
   generator, buffer and plain value among the strategy's attributes, restored in place;
   a strategy may define `task_state()` / `load_task_state(state)` to do this itself).
@@ -46,6 +48,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import cl_bench
@@ -70,7 +73,7 @@ _CHECKPOINT_KEYS = {"version", "fingerprint", "model", "strategy", "optimizer", 
 # Keys that may differ between a run and its resumption without changing its results.
 # The clock of checkpoint_every's wall-time form (a name of its own so tests can drive it).
 _monotonic = time.monotonic
-_RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "checkpoint_every", "objective")
+_RESUME_FREE_KEYS = ("resume", "progress", "output_dir", "checkpoint", "checkpoint_every", "objective", "logger")
 def _group_names(opt: Optional[torch.optim.Optimizer], model: torch.nn.Module) -> Optional[list[list[str]]]:
     """The optimizer's parameter groups as lists of the model's parameter names (None when
     it holds a parameter outside the model), so that a resumed run rebuilds the same groups
@@ -145,7 +148,8 @@ def config_fingerprint(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in _RESUME_FREE_KEYS:
         data.pop(key, None)
-    data.get("device", {}).pop("num_threads", None)
+    for key in ("num_threads", "memory_fraction"):  # how fast, not what is computed
+        data.get("device", {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -184,6 +188,69 @@ def evaluate(
     return acc, acc_aware
 
 
+def lr_factor(train_cfg: Any, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The factor on every param group's base lr at the task's step `step` (0-based, in epoch
+    `epoch`); the schedule restarts at each task.
+
+    multistep: gamma ** (number of milestones <= epoch), as torch's MultiStepLR stepped once per
+    epoch (the iCaRL/LUCIR/PyCIL protocols); cosine: from 1 at the end of the warm-up to
+    min_lr / lr, one value per epoch, as CosineAnnealingLR(T_max = epochs - warmup) stepped per
+    epoch (PODNet); warm-up: linear per step, (step + 1) / (warmup_epochs * steps_per_epoch),
+    multiplying the schedule, so the lr rises smoothly instead of in a few large jumps.
+    """
+    scheduler = getattr(train_cfg.scheduler, "value", train_cfg.scheduler)
+    warmup = int(train_cfg.warmup_epochs)
+    factor = 1.0
+    if scheduler == "multistep":
+        factor = float(train_cfg.gamma) ** sum(1 for m in train_cfg.milestones if epoch >= m)
+    elif scheduler == "cosine":
+        span = int(train_cfg.epochs) - warmup
+        if epoch >= warmup and span > 0:
+            floor = float(train_cfg.min_lr) / float(train_cfg.lr)
+            factor = floor + (1.0 - floor) * (1.0 + math.cos(math.pi * (epoch - warmup) / span)) / 2.0
+    warmup_steps = warmup * steps_per_epoch
+    if step < warmup_steps:
+        factor *= (step + 1) / warmup_steps
+    return factor
+
+
+@torch.no_grad()
+def validate_task(strategy: Strategy, stream: Stream, task, batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the strategy on `task`'s validation split, in the
+    scenario's sense (as `evaluate`): task-IL gives the task id and scores among the task's
+    outputs; class-IL and domain-IL score over the whole head (classes masked by
+    train.active_classes left out). The loss is the cross-entropy of softmax(scores) for the
+    scores `strategy.validation_scores(x, task_id)` gives: `predict`'s by default (logits for
+    most strategies, VCL's log of the predictive probabilities), the network's logits for
+    iCaRL (whose nearest-mean scores do not exist yet for a task's new classes).
+    No augmentation and no draw from the data generator."""
+    strategy.set_training(False)
+    device, data = strategy.device, task.val
+    outputs = torch.tensor(task.outputs, device=device)
+    position = torch.full((stream.num_outputs,), -1, dtype=torch.long, device=device)
+    position[outputs] = torch.arange(len(outputs), device=device)
+    task_id = task.id if stream.task_id_at_test else None
+    score = strategy.validation_scores
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(data), batch_size):
+        x = stream.transform(data.x[start : start + batch_size].to(device, non_blocking=True))
+        y = data.y[start : start + batch_size].to(device, non_blocking=True)
+        scores = score(x, task_id).float()
+        if strategy.inactive is not None:  # class-IL with train.active_classes
+            scores = scores.masked_fill(strategy.inactive, float("-inf"))
+        if stream.task_id_at_test:
+            scores = scores[:, outputs]
+            loss_sum += F.cross_entropy(scores, position[y], reduction="sum")
+            pred = outputs[scores.argmax(1)]
+        else:
+            loss_sum += F.cross_entropy(scores, y, reduction="sum")
+            pred = scores.argmax(1)
+        correct += (pred == y).sum()
+    loss, hits = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()  # one host sync
+    return loss / len(data), hits / len(data)
+
+
 class Runner:
     def __init__(
         self,
@@ -212,6 +279,8 @@ class Runner:
         self.device = resolve_device(cfg.device.name)
         if cfg.device.num_threads is not None:
             torch.set_num_threads(cfg.device.num_threads)
+        if self.device.type == "cuda" and cfg.device.memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(float(cfg.device.memory_fraction), self.device)
         torch.backends.cudnn.deterministic = bool(cfg.device.deterministic)
         torch.backends.cudnn.benchmark = not cfg.device.deterministic
         seed_everything(cfg.seed)
@@ -227,6 +296,8 @@ class Runner:
         self.eval_split = getattr(cfg.eval_split, "value", cfg.eval_split)
         if self.eval_split == "val" and any(t.val is None or len(t.val) == 0 for t in stream.tasks):
             raise CLBenchError("eval_split=val needs a validation split: set dataset.val_fraction > 0 (e.g. 0.2)")
+        if (cfg.train.validate or cfg.train.patience > 0) and any(t.val is None or len(t.val) == 0 for t in stream.tasks):
+            raise CLBenchError("train.validate and train.patience need a validation split: set dataset.val_fraction > 0 (e.g. 0.1)")
         self.stream = stream.to(self.device)
         model = build(
             cfg.backbone, "backbone", input_shape=stream.input_shape, num_outputs=stream.num_outputs
@@ -312,6 +383,8 @@ class Runner:
             "rng": self._rng_state(),
             "train_s": self._task_train_before + (time.perf_counter() - self._task_t0),
             "elapsed_s": self._elapsed(),
+            # validation history and early-stopping state (best loss, epoch and weights, epochs without gain)
+            "controls": getattr(self, "_controls", None),
         }
         ckpt = {
             "version": CHECKPOINT_VERSION,
@@ -410,11 +483,16 @@ class Runner:
         steps_per_epoch = -(-len(data) // cfg.batch_size)
         loss_sum, steps = torch.zeros((), device=self.device), 0
         first_epoch, first_batch, order, epoch_loss = 0, 0, None, None
+        # per-epoch validation and early stopping of this task (in every mid-task snapshot)
+        self._controls = {"val": [], "best_loss": math.inf, "best_epoch": None, "best_state": None,
+                          "bad_epochs": 0, "epochs_run": None}
         if mid is not None:
             self._load_mid(mid)
             first_epoch, first_batch, order, steps = mid["epoch"], mid["batch"], mid["order"], mid["steps"]
             loss_sum = mid["loss_sum"].to(self.device)
             epoch_loss = None if mid["epoch_loss"] is None else mid["epoch_loss"].to(self.device)
+            if mid.get("controls") is not None:
+                self._controls = mid["controls"]
         bar = None
         if progress_bar is not None:
             bar = progress_bar.add_task(
@@ -426,15 +504,26 @@ class Runner:
         with self._autocast():
             steps, loss_sum = self._train_epochs(task, data, bar, progress_bar, first_epoch, first_batch, order,
                                                  steps, loss_sum, epoch_loss)
+        controls = self._controls
+        epochs_run = controls["epochs_run"] or cfg.epochs
+        if controls["best_state"] is not None:  # early stopping: the best validation epoch's weights
+            strategy.model.load_state_dict(controls["best_state"])
         strategy.after_task(task)  # consolidation (Fisher, pruning, generators, ...) in float32
         self._diverged(task, "after the task (the strategy's consolidation)")
-        return {
+        log = {
             "mean_loss": (loss_sum / max(steps, 1)).item(),
             "steps": steps,
-            "samples": len(data) * cfg.epochs,
+            "samples": len(data) * epochs_run,
             "parameters": count_parameters(strategy.model),
             "strategy": strategy.summary(),
         }
+        if controls["val"]:
+            log["val"] = controls["val"]
+        if cfg.patience > 0:
+            log["early_stopping"] = {"epochs_run": epochs_run, "stopped_early": epochs_run < cfg.epochs,
+                                     "best_epoch": controls["best_epoch"], "best_val_loss": controls["best_loss"]}
+        self._controls = None
+        return log
 
     def _autocast(self):
         """torch.autocast with bfloat16 for train.precision=bf16 (training steps and
@@ -455,6 +544,9 @@ class Runner:
         # Per-step losses stay on the device and reach the loggers once per epoch (and before
         # a mid-task save), so logging costs no host sync per step.
         step_losses = torch.empty(steps_per_epoch, device=self.device) if self._log_step_losses else None
+        scheduled = getattr(cfg.scheduler, "value", cfg.scheduler) != "none" or cfg.warmup_epochs > 0
+        validating = cfg.validate or cfg.patience > 0
+        logged_lr = None
         clock, shown = time.perf_counter, 0.0
         for epoch in range(first_epoch, cfg.epochs):
             strategy.set_training(True)
@@ -465,6 +557,11 @@ class Runner:
             order_on_device = order.to(self.device)
             pending = 0  # steps not yet shown on the progress bar (it is refreshed at most 20 times a second)
             for b in range(first_batch, steps_per_epoch):
+                if scheduled or logged_lr is None:
+                    lr = self._set_lr(lr_factor(cfg, epoch, steps, steps_per_epoch)) if scheduled else self._lr()
+                    if lr != logged_lr and lr is not None:
+                        self._log({"train/lr": lr}, self._step_offset + steps + 1)
+                    logged_lr = lr
                 idx = order_on_device[b * batch_size : (b + 1) * batch_size]
                 raw, y = data.batch(idx, self.device)  # plain indexing when the data is on the device
                 batch = Batch(stream.transform(raw, train=True, generator=self.data_generator), y, raw, task)
@@ -490,11 +587,58 @@ class Runner:
             if bar is not None:
                 progress_bar.update(bar, advance=pending, loss=f"loss {epoch_mean:.4f}")
             order, first_batch = None, 0
+            if validating and self._validate_epoch(task, epoch, steps):
+                self._controls["epochs_run"] = epoch + 1
+                break  # early stopping: out of patience
             if every is not None and every[0] == "epochs" and (epoch + 1) % every[1] == 0:
                 self._save_mid(task, dict(
                     epoch=epoch + 1, batch=0, order=None, steps=steps, loss_sum=loss_sum, epoch_loss=None,
                 ))
         return steps, loss_sum
+
+    # ----- training controls: lr schedule, validation, early stopping -------------------------
+    def _lr(self) -> Optional[float]:
+        opt = self.strategy.optimizer
+        return float(opt.param_groups[0]["lr"]) if opt is not None and opt.param_groups else None
+
+    def _set_lr(self, factor: float) -> Optional[float]:
+        """Every param group of the strategy's optimizer at `factor` x its base lr (kept in the
+        group as "initial_lr", like torch's schedulers, so a kept optimizer restarts from it and
+        the value travels in the optimizer's state_dict); the first group's lr."""
+        opt = self.strategy.optimizer
+        if opt is None:
+            return None
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        return self._lr()
+
+    def _validate_epoch(self, task, epoch: int, steps: int) -> bool:
+        """Validation loss and accuracy of the current task after `epoch` (logged and kept for the
+        train_log); with train.patience, the early-stopping bookkeeping. True: stop the task."""
+        cfg, controls, strategy = self.cfg.train, self._controls, self.strategy
+        # the strategy's predict may draw random numbers (e.g. VCL's weight samples): fork every torch
+        # RNG so that validation changes nothing in training
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loss, acc = validate_task(strategy, self.stream, task, cfg.eval_batch_size)
+        strategy.set_training(True)  # as the epoch left it (the strategy's end-of-task phase expects it)
+        controls["val"].append({"epoch": epoch, "loss": loss, "acc": acc})
+        self._log({"val/loss": loss, "val/acc": acc}, self._step_offset + steps)
+        if cfg.patience <= 0:
+            return False
+        if not math.isfinite(loss):  # nothing to compare: this epoch neither improves nor counts against patience
+            strategy.warn(
+                f"train.patience: the validation loss of task {task.id} is not finite ({loss}: the strategy's "
+                "validation_scores give some of the task's classes no finite score while it trains); "
+                "such epochs do not count for early stopping"
+            )
+            return False
+        if loss < controls["best_loss"]:
+            controls["best_loss"], controls["best_epoch"], controls["bad_epochs"] = loss, epoch, 0
+            controls["best_state"] = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+            return False
+        controls["bad_epochs"] += 1
+        return controls["bad_epochs"] >= cfg.patience
 
     # ----- logging --------------------------------------------------------------------------
     # The run's loggers (cl_bench.loggers) receive scalars under a global step: the number of
@@ -512,11 +656,57 @@ class Runner:
             self._log_steps(task, epoch, start, values)
         self._pending_log = (task, epoch, upto, steps_before + (upto - first), losses)
 
+    _loggers = None  # cl_bench.loggers.RunLoggers while run() runs
+
     def _log_steps(self, task, epoch: int, start: int, losses: list[float]) -> None:
         """Per-step training losses: `losses[i]` is global step `start + i + 1`."""
+        if self._loggers is None:
+            return
+        opt = self.strategy.optimizer
+        lr = float(opt.param_groups[0]["lr"]) if opt is not None and opt.param_groups else None
+        self._loggers.log_steps(getattr(task, "id", task), epoch, start, losses, lr)
 
     def _log(self, metrics: dict, step: int) -> None:
         """Scalars (name -> float) at global step `step`, for every active logger."""
+        if self._loggers is not None:
+            self._loggers.log_scalars(metrics, step)
+
+    def _global_step(self, progress: dict) -> int:
+        """Optimizer steps over the tasks finished so far (the global step at a task boundary)."""
+        return sum(log["steps"] for log in progress["train_log"])
+
+    def _start_loggers(self, progress: dict, fresh: bool) -> None:
+        """Start the run's loggers (the config as hyperparameters). A resumed run gives them the
+        checkpoint's global step: what an earlier process logged after it is not logged twice."""
+        from cl_bench.loggers import RunLoggers
+
+        loggers = RunLoggers(self.cfg)
+        if not loggers.loggers:
+            return
+        mid = self._resume_mid
+        resume_step = None if fresh else self._global_step(progress) + (int(mid["steps"]) if mid else 0)
+        self._loggers = loggers
+        self._log_step_losses = loggers.wants_steps
+        names = self.names
+        name = (f"{names.get('strategy', type(self.strategy).__name__.lower())} "
+                f"{names.get('dataset', self.stream.name)} seed={self.cfg.seed} ({self.output_dir.name})")
+        loggers.start(self.output_dir, OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True), resume_step,
+                      name)
+
+    def _log_task(self, task, progress: dict, acc, acc_aware) -> None:
+        """After a task's evaluation (and checkpoint): every task's accuracy, the task's time and loss."""
+        if self._loggers is None:
+            return
+        log = progress["train_log"][-1]
+        extra = {"time/task_train_s": progress["train_s"][-1], "time/task_eval_s": progress["eval_s"][-1],
+                 "train/task_mean_loss": log["mean_loss"]}
+        aware = acc_aware if self.stream.scenario == "class_il" else None
+        self._loggers.log_eval(task.id, self._global_step(progress), acc, aware, extra)
+
+    def _close_loggers(self, status: str) -> None:
+        loggers, self._loggers = self._loggers, None
+        if loggers is not None:
+            loggers.close(status)
 
     # ----- stop signals and mid-task checkpoints ------------------------------------------
     def _step_boundary(self, task, position: dict) -> None:
@@ -587,6 +777,17 @@ class Runner:
         self._progress = self._load_checkpoint()
 
     def run(self) -> dict:
+        """Train and evaluate every task not done yet; the summary (metrics.json's content).
+        The run's loggers are closed however it ends."""
+        try:
+            summary = self._run_tasks()
+        except BaseException as exc:
+            self._close_loggers("interrupted" if isinstance(exc, (RunInterrupted, KeyboardInterrupt)) else "failed")
+            raise
+        self._close_loggers("finished")
+        return summary
+
+    def _run_tasks(self) -> dict:
         if not hasattr(self, "_progress"):
             self.prepare()
         T = len(self.stream)
@@ -617,6 +818,7 @@ class Runner:
             if stored is not None:  # a finished run: report it, rewrite nothing
                 return stored
         self._live_progress = progress
+        self._start_loggers(progress, fresh=self._progress is None)
 
         self._install_signal_handlers()
         try:
@@ -653,6 +855,8 @@ class Runner:
                     self._save_artifacts(task)
                     if self.cfg.checkpoint:
                         self._save_checkpoint(progress)
+                    # logged once the checkpoint holds the task: a resume never logs it again
+                    self._log_task(task, progress, acc, acc_aware)
                     if self._stop_signal is not None and task.id + 1 < T:
                         self._stop(f"after task {task.id}", save=None)  # saved just above
         finally:
@@ -663,6 +867,8 @@ class Runner:
         R = progress["R"]
         R_aware = progress["R_aware"] if self.stream.scenario == "class_il" else None
         write_results(self.output_dir, summary, R, R_aware)
+        if self._loggers is not None:
+            self._loggers.log_final(summary, self._global_step(progress))
         return summary
 
     def _stored_summary(self, progress: dict) -> Optional[dict]:
@@ -805,5 +1011,6 @@ class _BarPhase(PhaseProgress):
             self.shown = now
 
     def close(self) -> None:
-        self.progress.update(self.bar, completed=self.done)
+        # a phase that ended early (e.g. CPG's growing once its accuracy goal is met) ends full
+        self.progress.update(self.bar, completed=self.done, total=self.done)
         self.progress.stop_task(self.bar)

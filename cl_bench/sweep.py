@@ -96,6 +96,46 @@ def threads_per_worker(launcher: Any, cores: Optional[int] = None) -> int:
     return max(1, cores // parallel_workers(launcher, cores))
 
 
+def gpu_assignment(launcher: Any, job_num: int, gpus: int, cores: Optional[int] = None) -> Optional[tuple[int, float]]:
+    """(GPU index, share of its memory) for job `job_num` of a sweep on one machine with
+    `gpus` visible GPUs; None when the launcher runs one job at a time here (the basic
+    launcher) or gives each job its own allocation (a cluster launcher), or there is no GPU.
+
+    Jobs go round-robin over the visible GPUs (`CUDA_VISIBLE_DEVICES` decides which those
+    are): with as many workers as GPUs each worker has its own, with more workers
+    (`hydra.launcher.n_jobs` > GPUs) several small runs share one, each capped at its share
+    of the GPU's memory so that together they never oversubscribe it. Parallel workers take
+    jobs in order, so jobs running at the same time are consecutive and spread evenly.
+    """
+    if gpus < 1:
+        return None
+    target = str((launcher or {}).get("_target_", ""))
+    if not (target.endswith("JoblibLauncher") or target.endswith("LocalLauncher")):
+        return None
+    workers = parallel_workers(launcher, cores or available_cores())
+    if workers < 2:
+        return None
+    sharing = -(-workers // gpus)  # runs at the same time on one GPU
+    return job_num % gpus, 1.0 / sharing
+
+
+def assign_gpu(cfg: DictConfig, launcher: Any, job_num: int) -> None:
+    """Put job `job_num` of a local parallel sweep on its GPU (see `gpu_assignment`) when its
+    device is `cuda` or `auto` without an index; `cuda:N` is left as the user set it."""
+    name = str(cfg.device.name).strip().lower()
+    if name not in ("cuda", "auto"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # auto: the CPU; cuda: the runner refuses it in one line
+    placed = gpu_assignment(launcher, job_num, torch.cuda.device_count())
+    if placed is not None:
+        cfg.device.name = f"cuda:{placed[0]}"
+        if cfg.device.memory_fraction is None and placed[1] < 1:
+            cfg.device.memory_fraction = placed[1]
+
+
 # Beyond this many jobs, `check_sweep` varies one swept key at a time instead of composing
 # every combination.
 _MAX_CHECKED_COMBINATIONS = 64

@@ -21,6 +21,7 @@ side is the runner's own hot loop: `Runner._train_task` and `runner.evaluate` pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -50,6 +51,9 @@ def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tup
     augment = stream.transform.augment
     gen = torch.Generator().manual_seed(cfg.seed)
     bs, epochs, lr, ebs = cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.eval_batch_size
+    # train.precision=bf16: the runner's autocast, around the same steps and evaluations
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if str(cfg.train.precision) == "bf16" \
+        else contextlib.nullcontext
     train_s = eval_s = 0.0
     for task in stream.tasks:
         _sync(device)
@@ -64,14 +68,15 @@ def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tup
                 x = x_all[idx].float() / 255
                 if augment is not None:
                     x = augment(x, gen)
-                loss = F.cross_entropy(model((x - mean) / std), y_all[idx])
+                with autocast():
+                    loss = F.cross_entropy(model((x - mean) / std), y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         _sync(device)
         t1 = clock()
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             for other in stream.tasks:
                 correct = 0
                 for i in range(0, len(other.test), ebs):

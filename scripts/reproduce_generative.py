@@ -20,7 +20,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401
-from cl_bench.runner import Runner
+
+try:
+    from scripts.reproduce_progress import RunsProgress
+except ImportError:  # run as python scripts/reproduce_generative.py: this folder is on sys.path
+    from reproduce_progress import RunsProgress
 
 DEFAULT = ["finetune", "er", "joint", "dgr", "mergan", "mergan_jtr", "dgm_w", "dgm_a"]
 GENERATIVE = ("dgr", "mergan", "dgm_w", "dgm_a")
@@ -41,31 +45,35 @@ def main() -> None:
     from importlib.resources import files
 
     conf = Path(str(files("cl_bench.conf").joinpath("strategy")))  # the installed config tree
-    rows = []
+    rows, names = [], []
     for name in args.strategies:
-        strategy, variant = VARIANTS.get(name, (name, []))
-        if not (conf / f"{strategy}.yaml").exists():
+        strategy = VARIANTS.get(name, (name, []))[0]
+        if (conf / f"{strategy}.yaml").exists():
+            names.append(name)
+        else:
             print(f"skipping {name}: no conf/strategy/{strategy}.yaml", file=sys.stderr)
-            continue
-        extra = args.set if strategy in GENERATIVE else []
-        overrides = [
-            f"dataset={args.dataset}", f"strategy={strategy}", "scenario=class_il", f"device.name={args.device}",
-            f"seed={args.seed}", "progress=false", "checkpoint=false", *args.protocol, *extra, *variant,
-        ]
-        with initialize_config_module("cl_bench.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        out = Path(args.out) / args.dataset / name
-        s = Runner(cfg, out).run()
-        info = s.get("strategy_info") or {}
-        gen_s = info.get("generator_train_s_total", 0.0)
-        total = sum(s["timing"]["train_s"])
-        rows.append({
-            "strategy": name, "acc": s["metrics"]["acc"], "bwt": s["metrics"]["bwt"],
-            "train_s": total, "classifier_s": total - gen_s, "generator_s": gen_s,
-            "classifier_params": s["parameters"], "generator_params": info.get("generator_parameters", 0),
-            "artifacts": str(out / "artifacts") if (out / "artifacts").exists() else "",
-        })
-        print(json.dumps(rows[-1]), flush=True)
+    with RunsProgress(len(names)) as runs:
+        for name in names:
+            strategy, variant = VARIANTS.get(name, (name, []))
+            extra = args.set if strategy in GENERATIVE else []
+            overrides = [
+                f"dataset={args.dataset}", f"strategy={strategy}", "scenario=class_il", f"device.name={args.device}",
+                f"seed={args.seed}", "checkpoint=false", *args.protocol, *extra, *variant,
+            ]
+            with initialize_config_module("cl_bench.conf", version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+            out = Path(args.out) / args.dataset / name
+            s = runs.run(cfg, out, f"{name} · class_il · seed {args.seed}")
+            info = s.get("strategy_info") or {}
+            gen_s = info.get("generator_train_s_total", 0.0)
+            total = sum(s["timing"]["train_s"])
+            rows.append({
+                "strategy": name, "acc": s["metrics"]["acc"], "bwt": s["metrics"]["bwt"],
+                "train_s": total, "classifier_s": total - gen_s, "generator_s": gen_s,
+                "classifier_params": s["parameters"], "generator_params": info.get("generator_parameters", 0),
+                "artifacts": str(out / "artifacts") if (out / "artifacts").exists() else "",
+            })
+            print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.dataset}, class_il, seed {args.seed}, {' '.join(args.protocol)} {' '.join(args.set)}")
     print("| strategy | ACC | BWT | train s (classifier + generator) | classifier params | generator params |")
     print("|---|---|---|---|---|---|")

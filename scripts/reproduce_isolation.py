@@ -24,17 +24,21 @@ import numpy as np
 from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401
-from cl_bench.runner import Runner
+
+try:
+    from scripts.reproduce_progress import RunsProgress
+except ImportError:  # run as python scripts/reproduce_isolation.py: this folder is on sys.path
+    from reproduce_progress import RunsProgress
 
 STRATEGIES = ["finetune", "pnn", "packnet", "piggyback", "hat", "cpg", "den", "feature_extraction",
               "individual_networks"]
 PROTOCOL = ["train.optimizer=adam", "train.lr=0.003", "train.epochs=3"]
 
 
-def run(overrides: list[str], folder: Path) -> dict:
+def run(overrides: list[str], folder: Path, runs: RunsProgress, label: str) -> dict:
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["progress=false", "checkpoint=false", "scenario=task_il", *overrides])
-    return Runner(cfg, folder).run()
+        cfg = compose("config", overrides=["checkpoint=false", "scenario=task_il", *overrides])
+    return runs.run(cfg, folder, label)
 
 
 def main() -> None:
@@ -46,11 +50,14 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     overrides = overrides or PROTOCOL
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for ds in args.datasets.split(","):
-            for name in args.strategies.split(","):
-                for seed in args.seeds.split(","):
-                    s = run([f"dataset={ds}", f"strategy={name}", f"seed={seed}", *overrides], Path(tmp) / f"{ds}-{name}-{seed}")
+    datasets, names, seeds = args.datasets.split(","), args.strategies.split(","), args.seeds.split(",")
+    with tempfile.TemporaryDirectory() as tmp, RunsProgress(len(datasets) * len(names) * len(seeds)) as runs:
+        for ds in datasets:
+            for name in names:
+                for seed in seeds:
+                    folder = Path(tmp) / f"{ds}-{name}-{seed}"
+                    s = run([f"dataset={ds}", f"strategy={name}", f"seed={seed}", *overrides], folder, runs,
+                            f"{name} · {ds} · task_il · seed {seed}")
                     R = np.asarray(s["accuracy_matrix"])
                     info = [log["strategy"] for log in s["train_log"]]
                     results.setdefault(ds, {}).setdefault(name, []).append({

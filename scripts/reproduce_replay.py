@@ -22,7 +22,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401  (registers the schema)
-from cl_bench.runner import Runner
+
+try:
+    from scripts.reproduce_progress import RunsProgress
+except ImportError:  # run as python scripts/reproduce_replay.py: this folder is on sys.path
+    from reproduce_progress import RunsProgress
 
 STRATEGIES = ["finetune", "er", "gem", "agem", "icarl", "eeil", "bic", "joint"]
 PEER = {"er": "0.81", "gem": "0.92", "icarl": "0.87"}
@@ -36,16 +40,15 @@ PROTOCOL = [
     "train.batch_size=32",
     "train.epochs=10",
     "checkpoint=false",
-    "progress=false",
     "device.num_threads=1",
 ]
 
 
-def run_one(strategy: str, seed: int, overrides: list[str], folder: Path) -> dict:
+def run_one(strategy: str, seed: int, overrides: list[str], folder: Path, runs: RunsProgress) -> dict:
     extra = ["strategy.memory_size=200"] if strategy not in ("finetune", "joint") else []
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*PROTOCOL, f"strategy={strategy}", f"seed={seed}", *extra, *overrides])
-    return Runner(cfg, folder).run()
+    return runs.run(cfg, folder, f"{strategy} · class_il · seed {seed}")
 
 
 def mean_std(values: list[float]) -> str:
@@ -63,10 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     strategies = ["finetune"] + [s for s in args.strategies if s != "finetune"]
     results: dict[str, list[dict]] = {s: [] for s in strategies}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, RunsProgress(len(args.seeds) * len(strategies)) as runs:
         for seed in args.seeds:
             for strategy in strategies:
-                summary = run_one(strategy, seed, args.overrides, Path(tmp) / f"{strategy}_{seed}")
+                summary = run_one(strategy, seed, args.overrides, Path(tmp) / f"{strategy}_{seed}", runs)
                 results[strategy].append(summary)
                 print(f"seed {seed} {strategy:8s} ACC {summary['metrics']['acc']:.3f} "
                       f"train {sum(summary['timing']['train_s']):.2f} s", flush=True)

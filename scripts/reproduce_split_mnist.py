@@ -62,7 +62,11 @@ from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401  (registers the schema)
 from cl_bench.config import build
-from cl_bench.runner import Runner
+
+try:
+    from scripts.reproduce_progress import RunsProgress
+except ImportError:  # run as python scripts/reproduce_split_mnist.py: this folder is on sys.path
+    from reproduce_progress import RunsProgress
 
 SCENARIOS = {"task_il": "Task-IL", "domain_il": "Domain-IL", "class_il": "Class-IL"}
 # van de Ven & Tolias (2019), arXiv:1904.07734, Table 4 (split MNIST): mean (SEM) over 20 seeds,
@@ -140,7 +144,7 @@ def samples_per_task(dataset: str) -> int:
     return round(sum(len(t.train) for t in stream.tasks) / len(stream))
 
 
-def run_one(method: str, scenario: str, epochs: int, seed: int, args, folder: Path) -> dict:
+def run_one(method: str, scenario: str, epochs: int, seed: int, args, folder: Path, runs: RunsProgress) -> dict:
     overrides = [
         f"dataset={args.dataset}",
         "backbone.hidden_sizes=[400,400]",
@@ -158,14 +162,13 @@ def run_one(method: str, scenario: str, epochs: int, seed: int, args, folder: Pa
         f"train.epochs={epochs}",
         f"seed={seed}",
         "checkpoint=false",
-        "progress=false",
         f"device.name={args.device}",
         f"device.num_threads={args.threads}",
         *strategy_overrides(method, scenario, args),
     ]
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return Runner(cfg, folder / f"{method}-{scenario}-{seed}").run()
+    return runs.run(cfg, folder / f"{method}-{scenario}-{seed}", f"{method} · {scenario} · seed {seed}")
 
 
 def fmt(values: list[float]) -> str:
@@ -248,28 +251,30 @@ def main(argv=None) -> int:
     )
     results: dict = {}
     folder = Path(tempfile.mkdtemp(prefix="reproduce_split_mnist_"))
-    for method in methods:
-        for scenario in scenarios:
-            for seed in seeds:
-                t0 = time.perf_counter()
-                s = run_one(method, scenario, joint_epochs if method == "joint" else epochs, seed, args, folder)
-                penalty = [log["strategy"].get("penalty_curvature_max") for log in s["train_log"]]
-                results.setdefault(method, {}).setdefault(scenario, []).append(
-                    {
-                        "acc": s["metrics"]["acc"],
-                        "bwt": s["metrics"]["bwt"],
-                        "train_s": sum(s["timing"]["train_s"]),
-                        # lambda * max importance after each task (None for non-penalty methods)
-                        "penalty_curvature_max": [v for v in penalty if v is not None],
-                        "importance_max": [log["strategy"].get("importance_max") for log in s["train_log"]],
-                    }
-                )
-                print(
-                    f"  {method:10s} {scenario:9s} seed {seed}: ACC {100 * s['metrics']['acc']:6.2f}  "
-                    f"BWT {100 * s['metrics']['bwt']:7.2f}  train {sum(s['timing']['train_s']):7.1f}s  "
-                    f"({time.perf_counter() - t0:.0f}s)",
-                    flush=True,
-                )
+    with RunsProgress(len(methods) * len(scenarios) * len(seeds)) as runs:
+        for method in methods:
+            for scenario in scenarios:
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    n_epochs = joint_epochs if method == "joint" else epochs
+                    s = run_one(method, scenario, n_epochs, seed, args, folder, runs)
+                    penalty = [log["strategy"].get("penalty_curvature_max") for log in s["train_log"]]
+                    results.setdefault(method, {}).setdefault(scenario, []).append(
+                        {
+                            "acc": s["metrics"]["acc"],
+                            "bwt": s["metrics"]["bwt"],
+                            "train_s": sum(s["timing"]["train_s"]),
+                            # lambda * max importance after each task (None for non-penalty methods)
+                            "penalty_curvature_max": [v for v in penalty if v is not None],
+                            "importance_max": [log["strategy"].get("importance_max") for log in s["train_log"]],
+                        }
+                    )
+                    print(
+                        f"  {method:10s} {scenario:9s} seed {seed}: ACC {100 * s['metrics']['acc']:6.2f}  "
+                        f"BWT {100 * s['metrics']['bwt']:7.2f}  train {sum(s['timing']['train_s']):7.1f}s  "
+                        f"({time.perf_counter() - t0:.0f}s)",
+                        flush=True,
+                    )
 
     header = f"{'Method':24s}" + "".join(f" | {SCENARIOS[sc] + ' ours':>17s} | {'paper':>15s}" for sc in scenarios)
     print("\nAverage test accuracy (%) over all tasks after the last one" + (" (mean ± SEM over seeds)" if len(seeds) > 1 else ""))

@@ -81,13 +81,9 @@ def write_cifar(root: Path, num_classes: int, train, test) -> Path:
     """CIFAR-10 (5 train batches) or CIFAR-100 (one train file) python pickles."""
     rows = lambda x: np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), -1)  # noqa: E731  (N, 3*32*32)
     if num_classes == 10:
-        folder = Path(root) / "cifar-10-batches-py"
-        folder.mkdir(parents=True, exist_ok=True)
-        x, y = train
-        for i, part in enumerate(np.array_split(np.arange(len(y)), 5)):
-            _pickle(folder / f"data_batch_{i + 1}", {"batch_label": f"training batch {i + 1} of 5", "data": rows(x[part]), "labels": y[part].tolist()})
-        _pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": rows(test[0]), "labels": test[1].tolist()})
-        _pickle(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
+        from cl_bench.data.cifar import write_cifar10_batches
+
+        folder = write_cifar10_batches(root, train, test)
     else:
         folder = Path(root) / "cifar-100-python"
         folder.mkdir(parents=True, exist_ok=True)

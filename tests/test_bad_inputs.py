@@ -51,6 +51,7 @@ BAD_RUNS = [
     (["seed=99999999999"], ["seed must be in [0, 2**32 - 1]"]),
     (["device.num_threads=0"], ["device.num_threads must be at least 1"]),
     (["device.num_threads=-2"], ["device.num_threads must be at least 1"]),
+    (["device.memory_fraction=1.5"], ["device.memory_fraction must be in (0, 1]"]),
     (["dataset.max_train_per_class=0"], ["dataset.max_train_per_class must be at least 1"]),
     (["strategy=er", "strategy.memory_size=-5"], ["strategy.memory_size must be non-negative"]),
     (["strategy=icarl", "strategy.memory_size=5"], ["strategy.memory_size=5 is less than one exemplar per class"]),

@@ -389,3 +389,60 @@ def test_sigterm_exits_143_with_one_line_and_resumes(tmp_path, reference_matrix)
     _, err = again.communicate()
     assert again.returncode == 0, err
     assert (folder / "accuracy_matrix.csv").read_bytes() == reference_matrix
+
+
+# ----- training controls: the lr schedule, clipping, validation and early stopping resume exactly -----
+# VCL draws random numbers in its predict (validation forks the RNG) and, at this lr, stops its
+# tasks early; finetune runs every epoch. The schedule's warm-up and decay cross the interruption.
+CONTROLS = (
+    "train.epochs=5", "dataset.val_fraction=0.25", "train.patience=1", "train.lr=0.05", "train.momentum=0.9",
+    "train.scheduler=multistep", "train.milestones=[2]", "train.warmup_epochs=1", "train.clip_grad_norm=2.0",
+)
+
+
+class DieAt(Runner):
+    """The process dies (an exception that nothing catches) right after step `at_step` of task `at_task`."""
+
+    def __init__(self, cfg, folder, at_task: int, at_step: int) -> None:
+        super().__init__(cfg, folder)
+        self.at, self.counts = (at_task, at_step), {}
+
+    def build(self) -> None:
+        super().build()
+        train_step = self.strategy.train_step
+
+        def step(batch):
+            out = train_step(batch)
+            task = batch.task.id
+            self.counts[task] = self.counts.get(task, 0) + 1
+            if (task, self.counts[task]) == self.at:
+                raise KeyboardInterrupt("killed")
+            return out
+
+        self.strategy.train_step = step
+
+
+@pytest.mark.parametrize("strategy, at_step, how", [
+    ("vcl", 3, "signal"),  # mid-epoch, after one validation of the task
+    ("vcl", 4, "signal"),  # at the last step of an epoch, before its validation
+    ("finetune", 5, "signal"),
+    ("vcl", 5, "kill_after_epoch_save"),  # the snapshot of checkpoint_every=1epochs (after the validation)
+])
+def test_resume_with_validation_early_stopping_and_a_schedule_is_bit_identical(tmp_path, strategy, at_step, how):
+    overrides = (*strategy_overrides(strategy), *CONTROLS)
+    reference, reference_state = run_to_end(compose_cfg(*overrides), tmp_path / "reference")
+    if strategy == "vcl":
+        assert any(log["early_stopping"]["stopped_early"] for log in reference["train_log"])
+    folder = tmp_path / "interrupted"
+    if how == "signal":
+        with pytest.raises(RunInterrupted):
+            SignalAt(compose_cfg(*overrides), folder, at_task=1, at_step=at_step).run()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            DieAt(compose_cfg(*overrides, "checkpoint_every=1epochs"), folder, at_task=1, at_step=at_step).run()
+    mid = torch.load(folder / CHECKPOINT, weights_only=False)["mid"]
+    assert mid is not None and mid["task"] == 1 and mid["controls"]["val"]  # a validation is in the snapshot
+    resumed, resumed_state = run_to_end(compose_cfg(*overrides), folder)
+    assert np.array_equal(np.asarray(resumed["accuracy_matrix"]), np.asarray(reference["accuracy_matrix"]))
+    assert without_times(resumed["train_log"]) == without_times(reference["train_log"])
+    assert_same_state(resumed_state, reference_state)

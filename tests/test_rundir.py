@@ -130,6 +130,18 @@ def test_results_without_a_checkpoint_are_never_silently_overwritten(tmp_path):
     assert "seed: 3" in (folder / ".hydra" / "config.yaml").read_text()
 
 
+def test_starting_over_removes_the_earlier_runs_logs(tmp_path):
+    """resume=false: no file of the earlier run survives, the logs of loggers now off included."""
+    folder = tmp_path / "run"
+    first = clbench("run", *SMOKE, "logger=[csv,tensorboard]", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (folder / "tensorboard").is_dir() and (folder / "steps.csv").is_file()
+    over = clbench("run", *SMOKE, "logger=[]", "seed=3", "resume=false", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert not (folder / "tensorboard").exists() and not (folder / "steps.csv").exists()
+    assert json.loads((folder / "metrics.json").read_text())["seed"] == 3
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_result_files_follow_the_umask(umask, tmp_path):
     folder = tmp_path / "run"

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cl_bench.report import build_report
 from cl_bench.results import read_matrix
 from cl_bench.strategies.finetune import Finetune
-from cl_bench.sweep import available_cores, parallel_workers, threads_per_worker
+from cl_bench.sweep import assign_gpu, available_cores, gpu_assignment, parallel_workers, threads_per_worker
 from tests.conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,46 @@ def test_parallel_workers_get_their_share_of_the_cores(sweeps):
     assert threads_per_worker({**joblib, "n_jobs": 2}, 8) == 4 and threads_per_worker({**joblib, "n_jobs": -2}, 8) == 1
     slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "cpus_per_task": 4}
     assert threads_per_worker(slurm, 16) == 4
+
+
+def test_parallel_workers_get_their_own_gpu_round_robin():
+    """The assignment logic (no GPU needed): jobs go round-robin over the visible GPUs;
+    more workers than GPUs share them, each capped at its share of the memory."""
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 4}
+    assert [gpu_assignment(joblib, j, 4, cores=16) for j in range(6)] == [
+        (0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0), (0, 1.0), (1, 1.0)]
+    # 4 workers on 2 GPUs: two runs on each at any time, half its memory each
+    two = [gpu_assignment(joblib, j, 2, cores=16) for j in range(4)]
+    assert two == [(0, 0.5), (1, 0.5), (0, 0.5), (1, 0.5)]
+    # jobs running at the same time (4 consecutive numbers) are spread evenly
+    for first in range(8):
+        gpus = [gpu_assignment(joblib, j, 2, cores=16)[0] for j in range(first, first + 4)]
+        assert sorted(gpus) == [0, 0, 1, 1]
+    # 3 workers on 2 GPUs: at most 2 on one, each capped at half
+    assert {gpu_assignment({**joblib, "n_jobs": 3}, j, 2, cores=16)[1] for j in range(3)} == {0.5}
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+             "array_parallelism": 2}
+    assert gpu_assignment(local, 3, 2, cores=16) == (1, 1.0)
+    # one job at a time, or one allocation per job, or no GPU: left alone
+    basic = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+    slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+    assert gpu_assignment(basic, 1, 2) is None and gpu_assignment(slurm, 1, 2) is None
+    assert gpu_assignment({**joblib, "n_jobs": 1}, 1, 2, cores=16) is None
+    assert gpu_assignment(joblib, 1, 0, cores=16) is None
+
+
+def test_assign_gpu_leaves_cpu_and_explicit_devices_alone():
+    from omegaconf import OmegaConf
+
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 4}
+    for name in ("cpu", "cuda:1"):
+        cfg = OmegaConf.create({"device": {"name": name, "memory_fraction": None}})
+        assign_gpu(cfg, joblib, 3)
+        assert cfg.device.name == name and cfg.device.memory_fraction is None
+    if not torch.cuda.is_available():  # auto without a GPU stays auto (the CPU)
+        cfg = OmegaConf.create({"device": {"name": "auto", "memory_fraction": None}})
+        assign_gpu(cfg, joblib, 3)
+        assert cfg.device.name == "auto"
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))

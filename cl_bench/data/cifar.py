@@ -65,12 +65,12 @@ def load_cifar(dataset: str, num_classes: int, root: Optional[str], download: bo
 def _split_cifar(
     name: str, num_classes: int, scenario: str, seed: int, num_tasks: int, class_order: Any,
     val_fraction: float, max_train_per_class: Optional[int], root: Optional[str], download: bool,
-    verify: bool, augment: str,
+    verify: bool, augment: str, first_task_classes: Optional[int] = None,
 ) -> Stream:
     train, test = load_cifar(name, num_classes, root, download, verify)
     stream = class_incremental_stream(
         name, train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
-        transform=normalising_transform(train.x),
+        transform=normalising_transform(train.x), first_task_classes=first_task_classes,
     )
     return with_augmentation(stream, augment, padding=4)
 
@@ -86,12 +86,16 @@ def split_cifar10(
     download: bool = True,
     verify: bool = True,
     augment: str = "crop_flip",
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
     """5 tasks x 2 classes by default: (airplane, automobile) (bird, cat) ... (ship, truck)."""
     return _split_cifar(
         "split_cifar10", 10, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
-        root, download, verify, augment,
+        root, download, verify, augment, first_task_classes,
     )
+
+
+split_cifar10.num_classes = 10  # known before loading: preflight checks dataset.num_tasks / first_task_classes
 
 
 def split_cifar100(
@@ -105,9 +109,41 @@ def split_cifar100(
     download: bool = True,
     verify: bool = True,
     augment: str = "crop_flip",
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
-    """10 tasks x 10 classes by default (20 x 5 with num_tasks=20)."""
+    """10 tasks x 10 classes by default (20 x 5 with num_tasks=20; LUCIR's and PODNet's
+    "B50, 5 steps": num_tasks=6 first_task_classes=50 class_order=seed1993)."""
     return _split_cifar(
         "split_cifar100", 100, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
-        root, download, verify, augment,
+        root, download, verify, augment, first_task_classes,
     )
+
+
+split_cifar100.num_classes = 100  # known before loading: preflight checks dataset.num_tasks / first_task_classes
+
+
+def write_cifar10_batches(root, train: tuple, test: tuple):
+    """Write CIFAR-10's "python version" files (`cifar-10-batches-py/`: five training
+    batches, the test batch, batches.meta; pickled dicts with `data` (N, 3072) uint8 rows
+    and `labels`) from (images (N, 3, 32, 32) uint8, labels) pairs, for benchmarks and tests
+    on locally made data in the official layout (read it back with `dataset.verify=false`)."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, record: dict) -> None:
+        with open(folder / name, "wb") as f:
+            pickle.dump(record, f, protocol=2)
+
+    rows = lambda x: np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), -1)  # noqa: E731
+    x, y = train
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 5)):
+        dump(f"data_batch_{i + 1}", {"batch_label": f"training batch {i + 1} of 5", "data": rows(x[part]),
+                                     "labels": np.asarray(y)[part].tolist()})
+    dump("test_batch", {"batch_label": "testing batch 1 of 1", "data": rows(test[0]), "labels": np.asarray(test[1]).tolist()})
+    dump("batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
+    return folder

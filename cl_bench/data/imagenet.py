@@ -179,6 +179,7 @@ def imagenet_subset(
     image_size: int = 32,
     cache_dir: Optional[str] = None,
     augment: str = "crop_flip",
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
     """The classes of `class_list` in `num_tasks` tasks; the ILSVRC val set is the test set."""
     if image_size < 8:
@@ -192,6 +193,6 @@ def imagenet_subset(
     check_labels("imagenet_subset", test, len(wnids), path)
     stream = class_incremental_stream(
         "imagenet_subset", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
-        transform=normalising_transform(train.x),
+        transform=normalising_transform(train.x), first_task_classes=first_task_classes,
     )
     return with_augmentation(stream, augment, padding=max(1, image_size // 8))

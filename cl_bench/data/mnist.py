@@ -117,12 +117,17 @@ def split_mnist(
     max_train_per_class: Optional[int] = None,
     root: Optional[str] = None,
     download: bool = True,
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
     """5 tasks x 2 classes by default: (0,1) (2,3) (4,5) (6,7) (8,9)."""
     train, test = load_mnist("split_mnist", root, download)
     return class_incremental_stream(
-        "split_mnist", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class
+        "split_mnist", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
+        first_task_classes=first_task_classes,
     )
+
+
+split_mnist.num_classes = 10  # known before loading: preflight checks dataset.num_tasks / first_task_classes
 
 
 def domain_stream(

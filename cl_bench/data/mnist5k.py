@@ -40,9 +40,14 @@ def split_mnist5k(
     class_order: Any = "natural",
     val_fraction: float = 0.0,
     max_train_per_class: Optional[int] = None,
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
     """5 tasks x 2 classes by default: (0,1) (2,3) (4,5) (6,7) (8,9)."""
     train, test = load_mnist5k_arrays()
     return class_incremental_stream(
-        "split_mnist5k", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class
+        "split_mnist5k", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
+        first_task_classes=first_task_classes,
     )
+
+
+split_mnist5k.num_classes = 10  # known before loading: preflight checks dataset.num_tasks / first_task_classes

@@ -69,11 +69,15 @@ def split_svhn(
     verify: bool = True,
     use_extra: bool = False,
     augment: str = "crop",
+    first_task_classes: Optional[int] = None,
 ) -> Stream:
     """5 tasks x 2 classes by default: digits (0,1) (2,3) (4,5) (6,7) (8,9)."""
     train, test = load_svhn("split_svhn", root, download, verify, use_extra)
     stream = class_incremental_stream(
         "split_svhn", train, test, scenario, seed, num_tasks, class_order, val_fraction, max_train_per_class,
-        transform=normalising_transform(train.x),
+        transform=normalising_transform(train.x), first_task_classes=first_task_classes,
     )
     return with_augmentation(stream, augment, padding=4)
+
+
+split_svhn.num_classes = 10  # known before loading: preflight checks dataset.num_tasks / first_task_classes

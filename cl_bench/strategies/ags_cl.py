@@ -109,13 +109,15 @@ class AGSCL(Strategy):
         self.model.eval()
         sums = [torch.zeros(l.out_features, device=self.device) for l in self.layers]
         data = task.train
-        for start in range(0, len(data), 1024):
-            h, i = self.stream.transform(data.x[start : start + 1024]), 0
-            for m in self.model.body:
-                h = m(h)
-                if isinstance(m, nn.ReLU):
-                    sums[i] += h.sum(0)
-                    i += 1
+        with self.progress("node importance", total=len(data)) as advance:  # samples
+            for start in range(0, len(data), 1024):
+                h, i = self.stream.transform(data.x[start : start + 1024]), 0
+                for m in self.model.body:
+                    h = m(h)
+                    if isinstance(m, nn.ReLU):
+                        sums[i] += h.sum(0)
+                        i += 1
+                advance(min(1024, len(data) - start))
         self.model.train(was_training)
         return [s / len(data) for s in sums]
 

@@ -57,6 +57,19 @@ class PhaseProgress:
         pass
 
 
+class ClipGradNorm:
+    """Optimizer step pre-hook: scale the gradients of the optimizer's parameters so that
+    their total L2 norm is at most `max_norm` (torch.nn.utils.clip_grad_norm_, no host sync)."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
+
+
 class Strategy:
     scenarios: tuple[str, ...] = ("class_il", "task_il", "domain_il")
 
@@ -132,6 +145,12 @@ class Strategy:
     def predict(self, x: torch.Tensor, task_id: Optional[int] = None) -> torch.Tensor:
         return self.model(x)
 
+    def validation_scores(self, x: torch.Tensor, task_id: Optional[int] = None) -> torch.Tensor:
+        """Scores whose softmax cross-entropy is the validation loss of `train.validate` and
+        `train.patience` (the runner's per-epoch validation): `predict`'s by default; a
+        strategy whose `predict` is not logits-like during a task overrides it."""
+        return self.predict(x, task_id)
+
     def set_training(self, training: bool) -> None:
         self.model.train(training)
 
@@ -156,15 +175,24 @@ class Strategy:
 
     # ----- shared pieces -----------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """train.optimizer over `params` (tensors or param-group dicts). With
+        `train.clip_grad_norm`, every step first clips the total gradient norm of the
+        optimizer's parameters (a step pre-hook: after whatever the strategy did to the
+        gradients, e.g. GEM's projection or a FreezeGuard's zeroing)."""
         cfg = self.train_cfg
         name = getattr(cfg.optimizer, "value", cfg.optimizer)
         if name == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        if name == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        raise CLBenchError(f"unknown train.optimizer={name!r}; choose sgd, adam or adamw")
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif name == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            raise CLBenchError(f"unknown train.optimizer={name!r}; choose sgd, adam or adamw")
+        clip = getattr(cfg, "clip_grad_norm", None)
+        if clip:
+            optimizer.register_step_pre_hook(ClipGradNorm(float(clip)))
+        return optimizer
 
     def restrict(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """In task-IL, mask each sample's logits to the outputs of its own task.

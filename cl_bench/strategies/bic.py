@@ -136,14 +136,16 @@ class BiC(ReplayStrategy):
         self.model.train()
         params = torch.tensor([1.0, 0.0], device=self.device, requires_grad=True)
         optimizer = torch.optim.Adam([params], lr=self.bias_lr)
-        for _ in range(self.bias_epochs):
-            alpha, beta = self.alpha.clone(), self.beta.clone()
-            alpha[task.id], beta[task.id] = params[0], params[1]
-            scores = self.corrected(logits, alpha, beta).masked_fill(~self._seen, float("-inf"))
-            loss = F.cross_entropy(scores, self._val.y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with self.progress("bias correction", total=self.bias_epochs) as advance:  # full-batch epochs
+            for _ in range(self.bias_epochs):
+                alpha, beta = self.alpha.clone(), self.beta.clone()
+                alpha[task.id], beta[task.id] = params[0], params[1]
+                scores = self.corrected(logits, alpha, beta).masked_fill(~self._seen, float("-inf"))
+                loss = F.cross_entropy(scores, self._val.y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                advance()
         self.alpha[task.id], self.beta[task.id] = params.detach()
 
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:

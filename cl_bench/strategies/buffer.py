@@ -33,7 +33,7 @@ import torch
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Split, Task
-from cl_bench.strategies.base import Strategy
+from cl_bench.strategies.base import PhaseProgress, Strategy
 
 BALANCES = ("none", "class", "task")
 SELECTIONS = ("reservoir", "random", "herding")
@@ -159,11 +159,13 @@ class MemoryBuffer:
         task_id: int,
         generator: torch.Generator,
         features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        progress: Optional[Callable[..., PhaseProgress]] = None,
     ) -> None:
         """Task end: shrink the stored groups to the new quota, then add the new groups.
 
         `x`, `y` are the finished task's training samples; `features(x)` embeds raw
-        samples (needed for herding).
+        samples (needed for herding); `progress` (a `Strategy.progress`) shows herding,
+        class by class, counted in samples.
         """
         if self.capacity == 0:
             return
@@ -174,7 +176,9 @@ class MemoryBuffer:
         old_keep = ((self.rank[: self.size] < quota) & (self.task[: self.size] != task_id)).nonzero().flatten()
         if self.balance == "class":
             old_keep = old_keep[~torch.isin(self.y[old_keep], y.unique())]
-        orders = [self._order(x, y, c, quota, generator, features) for c in labels]
+        herding = progress is not None and self.selection == "herding"
+        with (progress("herding exemplars", total=len(y)) if herding else PhaseProgress()) as advance:
+            orders = [self._order(x, y, c, quota, generator, features, advance) for c in labels]
         if self.balance == "class":
             new_idx = torch.cat(orders)
             new_rank = torch.cat([torch.arange(len(o), device=y.device) for o in orders])
@@ -191,13 +195,15 @@ class MemoryBuffer:
         self.size = n_old + n_new
         self.seen += len(y)
 
-    def _order(self, x, y, label, count, generator, features) -> torch.Tensor:
+    def _order(self, x, y, label, count, generator, features, advance=lambda n: None) -> torch.Tensor:
         """Indices into x of up to `count` samples of class `label`, in priority order."""
         members = (y == label).nonzero().flatten()
         if self.selection == "herding":
             if features is None:
                 raise CLBenchError("herding selection needs the model's features")
-            return members[herding_order(features(x[members]), count)]
+            order = members[herding_order(features(x[members]), count)]
+            advance(len(members))
+            return order
         perm = torch.randperm(len(members), generator=generator).to(members.device)
         return members[perm[:count]]
 
@@ -282,7 +288,7 @@ class ReplayStrategy(Strategy):
     def remember(self, task: Task) -> None:
         """Task end: add the task's training samples to the balanced memory."""
         data = task.train
-        self.memory.update(data.x, data.y, task.id, self.generator, self.embed)
+        self.memory.update(data.x, data.y, task.id, self.generator, self.embed, self.progress)
 
     def replay(self, n: int, index: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """A batch of `n` memory samples (or those at `index`) as (augmented input, labels)."""

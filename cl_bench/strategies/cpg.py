@@ -135,10 +135,14 @@ class CPG(Strategy):
         self.guard.step(self.optimizer)
         return {"loss": loss.detach()}
 
-    def _train(self, task: Task, n_epochs: int) -> None:
+    def _train(self, task: Task, n_epochs: int, advance) -> None:
         self.set_training(True)
         for x, y in epochs(task.train, self.stream, n_epochs, self.train_cfg.batch_size):
             self._step(x, y)
+            advance()  # batches
+
+    def _batches(self, task: Task, n_epochs: int) -> int:
+        return n_epochs * -(-len(task.train) // self.train_cfg.batch_size)
 
     def _accuracy(self, task: Task) -> float:
         return accuracy(self.predict, task.val if task.val is not None else task.train, self.stream, task.id)
@@ -164,28 +168,33 @@ class CPG(Strategy):
     def after_task(self, task: Task) -> None:
         self.set_training(False)
         acc, grows = self._accuracy(task), 0
-        while acc < self.target_acc and grows < self.max_grow and self.grow_units > 0:
-            self._grow()
-            self._optimizers()
-            self._train(task, self.grow_epochs)
-            acc, grows = self._accuracy(task), grows + 1
+        # The bars' totals are the most each stage can take: growing ends once the goal is
+        # met, pruning at the first step that falls below it.
+        if acc < self.target_acc and self.max_grow > 0 and self.grow_units > 0:
+            with self.progress("growing", total=self._batches(task, self.max_grow * self.grow_epochs)) as advance:
+                while acc < self.target_acc and grows < self.max_grow:
+                    self._grow()
+                    self._optimizers()
+                    self._train(task, self.grow_epochs, advance)
+                    acc, grows = self._accuracy(task), grows + 1
         done = 0.0
-        for i in range(1, self.prune_steps + 1):
-            goal = self.prune_ratio * (1 - (1 - i / self.prune_steps) ** 3)
-            snapshot = (self.owners.state_dict(), [l.weight.detach().clone() for l in self.model.hidden],
-                        [copy.deepcopy(bn.norms[task.id].state_dict()) for bn in self.norms])
-            self.owners.prune(self.model.hidden, task.id, (goal - done) / (1 - done))
-            self._optimizers()
-            self._train(task, 1)
-            if self._accuracy(task) < min(self.target_acc, acc):
-                self.owners.load_state_dict(snapshot[0])
-                with torch.no_grad():
-                    for layer, w in zip(self.model.hidden, snapshot[1]):
-                        layer.weight.copy_(w)
-                for bn, state in zip(self.norms, snapshot[2]):
-                    bn.norms[task.id].load_state_dict(state)
-                break
-            done = goal
+        with self.progress("pruning and retraining", total=self._batches(task, self.prune_steps)) as advance:
+            for i in range(1, self.prune_steps + 1):
+                goal = self.prune_ratio * (1 - (1 - i / self.prune_steps) ** 3)
+                snapshot = (self.owners.state_dict(), [l.weight.detach().clone() for l in self.model.hidden],
+                            [copy.deepcopy(bn.norms[task.id].state_dict()) for bn in self.norms])
+                self.owners.prune(self.model.hidden, task.id, (goal - done) / (1 - done))
+                self._optimizers()
+                self._train(task, 1, advance)
+                if self._accuracy(task) < min(self.target_acc, acc):
+                    self.owners.load_state_dict(snapshot[0])
+                    with torch.no_grad():
+                        for layer, w in zip(self.model.hidden, snapshot[1]):
+                            layer.weight.copy_(w)
+                    for bn, state in zip(self.norms, snapshot[2]):
+                        bn.norms[task.id].load_state_dict(state)
+                    break
+                done = goal
         while len(self.picks) <= task.id:
             self.picks.append(None)
         if self.scores is not None:

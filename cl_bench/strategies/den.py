@@ -119,10 +119,14 @@ class DEN(Strategy):
     def train_step(self, batch) -> dict:
         return {"loss": self._step(batch.x, batch.y)}
 
-    def _train(self, task: Task, n: int) -> None:
+    def _train(self, task: Task, n: int, description: str) -> None:
+        """`n` epochs of the current phase, shown as `description` on the progress display."""
         self.set_training(True)
-        for x, y in epochs(task.train, self.stream, n, self.train_cfg.batch_size):
-            self._step(x, y)
+        batch_size = self.train_cfg.batch_size
+        with self.progress(description, total=n * -(-len(task.train) // batch_size)) as advance:
+            for x, y in epochs(task.train, self.stream, n, batch_size):
+                self._step(x, y)
+                advance()  # batches
 
     # ----- the task loop -----------------------------------------------------------------
     def before_task(self, task: Task) -> None:
@@ -137,7 +141,7 @@ class DEN(Strategy):
         self.old_bias = [l.bias.detach().clone() if l.bias is not None else None for l in hidden]
         self._phase([torch.zeros_like(l.weight, dtype=torch.bool) for l in hidden],  # outputs only
                     [torch.zeros(l.out_units, dtype=torch.bool, device=self.device) for l in hidden])
-        self._train(task, self.select_epochs)
+        self._train(task, self.select_epochs, "unit selection")
         # breadth-first search from the task's outputs along non-zero weights
         rows = torch.tensor(task.outputs, device=self.device)
         need = (self.model.head.weight[rows] != 0).any(0)
@@ -181,7 +185,7 @@ class DEN(Strategy):
                 units.append(torch.arange(layer.out_units, device=self.device) >= layer.out_units - n)
                 groups.append((layer, torch.arange(layer.out_units - n, layer.out_units, device=self.device)))
             self._phase(masks, units, groups=groups)
-            self._train(task, self.expand_epochs)
+            self._train(task, self.expand_epochs, "dynamic expansion")
             for l in range(len(hidden)):  # drop new units the group lasso switched off
                 layer = self.model.hidden[l]
                 dead = (layer.weight.detach().flatten(1) == 0).all(1) & (self.born[l] == task.id)

@@ -135,21 +135,23 @@ class DGM(GenerativeReplay):
                 x, y = self.replay(n_replay, task)
             return self.aux_weight * task.id * self.loss(self.discriminate(x)[1], y)
 
-        for i in range(iterations):
-            gen.s = 1 / self.s_max + (self.s_max - 1 / self.s_max) * i / max(1, iterations - 1)
-            self.wgan_gp_iteration(
-                lambda: self.real_batch(task, n),
-                lambda y: gen.sample(y, task.id),
-                self.discriminate,
-                d_opt,
-                g_opt,
-                aux_weight=self.aux_weight,
-                d_extra=classify_replay if n_replay else None,
-                g_extra=lambda: self.sparsity_weight * gen.sparsity_loss(),
-                before_g_step=lambda: gen.restrict_gradients(self.s_max),
-                aux_loss=self.loss,
-            )
-            gen.clamp_embeddings()
+        with self.progress("generator training", total=iterations) as advance:
+            for i in range(iterations):
+                gen.s = 1 / self.s_max + (self.s_max - 1 / self.s_max) * i / max(1, iterations - 1)
+                self.wgan_gp_iteration(
+                    lambda: self.real_batch(task, n),
+                    lambda y: gen.sample(y, task.id),
+                    self.discriminate,
+                    d_opt,
+                    g_opt,
+                    aux_weight=self.aux_weight,
+                    d_extra=classify_replay if n_replay else None,
+                    g_extra=lambda: self.sparsity_weight * gen.sparsity_loss(),
+                    before_g_step=lambda: gen.restrict_gradients(self.s_max),
+                    aux_loss=self.loss,
+                )
+                gen.clamp_embeddings()
+                advance()
 
     def consolidate(self, task: Task) -> None:
         self.units_added.append(self.generator.end_task())

@@ -89,23 +89,26 @@ class DGR(GenerativeReplay):
     def train_generator(self, task: Task) -> None:
         iterations, n = self.generator_iterations(task), self.generator_batch_size
         self.generator.train()
-        if self.generator_kind == "vae":
-            opt = self.adam(self.generator)
-            for _ in range(iterations):
-                loss = self.generator.loss(self.mixed_batch(task, n, self.unlabelled_replay)[0])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        else:
-            d_opt, g_opt = self.adam(self.discriminator), self.adam(self.generator)
-            for _ in range(iterations):
-                self.wgan_gp_iteration(
-                    lambda: self.mixed_batch(task, n, self.unlabelled_replay),
-                    lambda y: self.generator.sample(len(y)),
-                    self.discriminator,
-                    d_opt,
-                    g_opt,
-                )
+        with self.progress("generator training", total=iterations) as advance:
+            if self.generator_kind == "vae":
+                opt = self.adam(self.generator)
+                for _ in range(iterations):
+                    loss = self.generator.loss(self.mixed_batch(task, n, self.unlabelled_replay)[0])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    advance()
+            else:
+                d_opt, g_opt = self.adam(self.discriminator), self.adam(self.generator)
+                for _ in range(iterations):
+                    self.wgan_gp_iteration(
+                        lambda: self.mixed_batch(task, n, self.unlabelled_replay),
+                        lambda y: self.generator.sample(len(y)),
+                        self.discriminator,
+                        d_opt,
+                        g_opt,
+                    )
+                    advance()
         self.generator.eval()
 
     def consolidate(self, task: Task) -> None:

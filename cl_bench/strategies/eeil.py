@@ -113,10 +113,13 @@ class EEIL(ReplayStrategy):
         for group in self.optimizer.param_groups:
             group["lr"] *= self.finetune_lr_factor
         self.model.train()
-        for _ in range(self.finetune_epochs):
-            for idx in iterate_batches(len(data), self.train_cfg.batch_size, self.generator, self.device):
-                x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                self.step(x, data.y[idx], teacher, [task.outputs])
+        batch_size = self.train_cfg.batch_size
+        with self.progress("balanced fine-tuning", total=self.finetune_epochs * -(-len(data) // batch_size)) as advance:
+            for _ in range(self.finetune_epochs):
+                for idx in iterate_batches(len(data), batch_size, self.generator, self.device):
+                    x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
+                    self.step(x, data.y[idx], teacher, [task.outputs])
+                    advance()  # batches
         self.optimizer = main_optimizer  # the fine-tuning optimizer (reduced lr) ends here
 
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:

@@ -50,7 +50,8 @@ class EWC(QuadraticPenaltyStrategy):
         def nll(logits: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.restrict(logits, yi), yi, reduction="sum")
 
-        return mean_over_chunks(self.model, x, y, nll, torch.square, self.names)
+        with self.progress("Fisher", total=len(x)) as advance:  # samples
+            return mean_over_chunks(self.model, x, y, nll, torch.square, self.names, advance=advance)
 
     def consolidate(self, task: Task) -> None:
         self.add_term(self.fisher_diagonal(task))

@@ -302,7 +302,8 @@ def _linear_modules(model: nn.Module) -> Optional[dict[str, nn.Linear]]:
 
 
 def _linear_per_sample_reduction(
-    model: nn.Module, mods: dict[str, nn.Linear], x, y, fn, reduce, names: list[str], chunk: int
+    model: nn.Module, mods: dict[str, nn.Linear], x, y, fn, reduce, names: list[str], chunk: int,
+    done: Callable[[int], None] = lambda end: None,
 ) -> Optional[list[torch.Tensor]]:
     """sum_i reduce(per-sample gradient) in closed form for Linear layers.
 
@@ -340,6 +341,7 @@ def _linear_per_sample_reduction(
                     totals[prefix + "weight"] += g.T @ a
                 if prefix + "bias" in totals:
                     totals[prefix + "bias"] += g.sum(0)
+        done(start + chunk)
     return [totals[n] for n in names]
 
 
@@ -351,20 +353,33 @@ def mean_over_chunks(
     reduce: Callable[[torch.Tensor], torch.Tensor],
     names: list[str],
     chunk: int = 256,
+    advance: Optional[Callable[[int], None]] = None,
 ) -> list[torch.Tensor]:
     """mean_i reduce(per-sample gradient of fn) for each parameter, aligned with `names`.
 
     `fn(logits, y)` must return the SUM over the batch of the per-sample losses and
     `reduce` must be multiplicative (torch.square, torch.abs). MLPs take the closed form
-    of `_linear_per_sample_reduction`; other models take torch.func.vmap.
+    of `_linear_per_sample_reduction`; other models take torch.func.vmap. `advance(n)`
+    (a `Strategy.progress` callable) is told of each chunk's n samples, len(x) in all.
     """
+    reported = 0
+
+    def done(end: int) -> None:  # samples [0, end) are done (counted once, whichever path ran them)
+        nonlocal reported
+        end = min(end, len(x))
+        if advance is not None and end > reported:
+            advance(end - reported)
+            reported = end
+
     mods = _linear_modules(model)
     if mods is not None:
-        total = _linear_per_sample_reduction(model, mods, x, y, fn, reduce, names, chunk)
+        total = _linear_per_sample_reduction(model, mods, x, y, fn, reduce, names, chunk, done)
         if total is not None:
             return [t / len(x) for t in total]
     total: Optional[list[torch.Tensor]] = None
-    for g in per_sample_grads(model, x, y, fn, chunk // 4):
+    step = chunk // 4
+    for k, g in enumerate(per_sample_grads(model, x, y, fn, step)):
         part = [reduce(g[n]).sum(0) for n in names]
         total = part if total is None else [t + p for t, p in zip(total, part)]
+        done((k + 1) * step)
     return [t / len(x) for t in total]

@@ -47,7 +47,8 @@ class MAS(QuadraticPenaltyStrategy):
             out = logits if outputs is None else logits[:, outputs]
             return out.pow(2).sum()
 
-        return mean_over_chunks(self.model, x, task_index, squared_norm, torch.abs, self.names)
+        with self.progress("MAS importance", total=len(x)) as advance:  # samples
+            return mean_over_chunks(self.model, x, task_index, squared_norm, torch.abs, self.names, advance=advance)
 
     def consolidate(self, task: Task) -> None:
         omega = self.output_sensitivity(task)

@@ -93,16 +93,19 @@ class MeRGAN(GenerativeReplay):
         d_opt, g_opt = self.adam(self.discriminator), self.adam(self.generator)
         jtr = self.variant == "jtr" and task.id > 0
         ra = self.variant == "ra" and task.id > 0
-        for _ in range(self.generator_iterations(task)):
-            self.wgan_gp_iteration(
-                (lambda: self.mixed_batch(task, n)) if jtr else (lambda: self.real_batch(task, n)),
-                lambda y: self.generator.sample(len(y), y),
-                self.discriminator,
-                d_opt,
-                g_opt,
-                aux_weight=self.aux_weight,
-                g_extra=(lambda: self.alignment_loss(task)) if ra else None,
-            )
+        iterations = self.generator_iterations(task)
+        with self.progress("generator training", total=iterations) as advance:
+            for _ in range(iterations):
+                self.wgan_gp_iteration(
+                    (lambda: self.mixed_batch(task, n)) if jtr else (lambda: self.real_batch(task, n)),
+                    lambda y: self.generator.sample(len(y), y),
+                    self.discriminator,
+                    d_opt,
+                    g_opt,
+                    aux_weight=self.aux_weight,
+                    g_extra=(lambda: self.alignment_loss(task)) if ra else None,
+                )
+                advance()
 
     def consolidate(self, task: Task) -> None:
         self.prev_generator = frozen_copy(self.generator)

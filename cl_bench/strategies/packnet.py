@@ -103,8 +103,12 @@ class PackNet(Strategy):
         self.owners.prune(self.model.hidden, task.id, self.ratio(task))
         self.model.set_masks(self.owners.visible(task.id))
         self.set_training(True)
-        for x, y in epochs(task.train, self.stream, self.retrain_epochs, self.train_cfg.batch_size):
-            self._step(x, y)
+        batch_size = self.train_cfg.batch_size
+        batches = self.retrain_epochs * -(-len(task.train) // batch_size)
+        with self.progress("retraining after pruning", total=batches) as advance:
+            for x, y in epochs(task.train, self.stream, self.retrain_epochs, batch_size):
+                self._step(x, y)
+                advance()  # batches
 
     def predict(self, x: torch.Tensor, task_id: Optional[int] = None) -> torch.Tensor:
         self._use(task_id)

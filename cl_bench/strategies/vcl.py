@@ -110,13 +110,16 @@ class VCL(Strategy):
     def _maximum_likelihood_init(self, data: Split) -> None:
         means = [p for n, p in self.model.named_parameters() if n.endswith("_mu")]
         optimizer = self.make_optimizer(means)
-        for _ in range(self.train_cfg.epochs):
-            for idx in iterate_batches(len(data), self.train_cfg.batch_size, None, self.device):
-                x = self.stream.transform(data.x[idx], train=True)
-                loss = self.loss(self.model.forward_mean(x), data.y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        epochs, batch_size = self.train_cfg.epochs, self.train_cfg.batch_size
+        with self.progress("maximum-likelihood init", total=epochs * -(-len(data) // batch_size)) as advance:
+            for _ in range(epochs):
+                for idx in iterate_batches(len(data), batch_size, None, self.device):
+                    x = self.stream.transform(data.x[idx], train=True)
+                    loss = self.loss(self.model.forward_mean(x), data.y[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance()  # batches
 
     # ----- training -----------------------------------------------------------------------
     def elbo_loss(self, model: BayesianMLP, x: torch.Tensor, y: torch.Tensor, n_data: int) -> tuple:
@@ -142,13 +145,16 @@ class VCL(Strategy):
         data = Split.cat(self.coresets)
         optimizer = self.make_optimizer(model.parameters())
         model.train()
-        for _ in range(self.coreset_epochs or self.train_cfg.epochs):
-            for idx in iterate_batches(len(data), self.train_cfg.batch_size, None, self.device):
-                x = self.stream.transform(data.x[idx], train=True)
-                loss = self.elbo_loss(model, x, data.y[idx], len(data))[0]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        epochs, batch_size = self.coreset_epochs or self.train_cfg.epochs, self.train_cfg.batch_size
+        with self.progress("coreset training", total=epochs * -(-len(data) // batch_size)) as advance:
+            for _ in range(epochs):
+                for idx in iterate_batches(len(data), batch_size, None, self.device):
+                    x = self.stream.transform(data.x[idx], train=True)
+                    loss = self.elbo_loss(model, x, data.y[idx], len(data))[0]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance()  # batches
         return model
 
     # ----- inference ----------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""Every strategy's training + evaluation time against a bare PyTorch loop, as one table.
+
+The README's performance table is this script's output. Protocol (issue 17's): Split
+Digits, class-IL, the default MLP 64-256-256-10, SGD lr 0.05, batch 32, 10 epochs per
+task (400 steps), each strategy with its shipped defaults. In one process, on the same
+stream: per repetition the bare loop (plain SGD fine-tuning written as a PyTorch script,
+`bench_data_path.bare_loop`) and then every strategy once, in turn; medians over the
+repetitions. Time is the runner's own train + eval time (metrics.json's timing), without
+start-up, data loading, the random-init evaluation or result writing.
+
+    python scripts/bench_all.py                         # all strategies, 3 repetitions
+    python scripts/bench_all.py --strategies finetune,ewc,gem --repeats 5 -- train.epochs=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import bench_data_path  # the bare loop (same folder)
+import bench_overhead  # the timed Runner.run (same folder)
+import torch
+from hydra import compose, initialize_config_module
+
+import cl_bench.config  # noqa: F401  (registers the schema)
+from cl_bench.config import build
+from cl_bench.runner import resolve_device
+
+PROTOCOL = ["dataset=split_digits", "train.epochs=10", "train.optimizer=sgd", "train.lr=0.05", "train.batch_size=32",
+            "progress=false", "checkpoint=false"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", default=None, help="comma-separated (default: every conf/strategy option)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the protocol's")
+    args = parser.parse_args()
+    names = args.strategies.split(",") if args.strategies else sorted(
+        p.name[:-5] for p in files("cl_bench.conf").joinpath("strategy").iterdir() if p.name.endswith(".yaml"))
+    with initialize_config_module("cl_bench.conf", version_base="1.3"):
+        configs = {n: compose("config", overrides=[*PROTOCOL, f"strategy={n}", *args.overrides]) for n in names}
+        base = compose("config", overrides=[*PROTOCOL, "strategy=finetune", *args.overrides])
+    device = resolve_device(base.device.name)
+    if base.device.num_threads is not None:
+        torch.set_num_threads(base.device.num_threads)
+    stream = build(base.dataset, "dataset", scenario=base.scenario.value, seed=base.seed).to(device)
+    bare_loop = lambda: sum(bench_data_path.bare_loop(base, stream, device, time.perf_counter))  # noqa: E731
+    bare_loop()  # warm-up
+    bare, ours, steps = [], {n: [] for n in names}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            bare.append(bare_loop())
+            for n in names:
+                loop, _, summary = bench_overhead.clbench_run(configs[n], Path(tmp) / f"{n}-{r}")
+                ours[n].append(loop)
+                steps[n] = (sum(t["steps"] for t in summary["train_log"]), summary["metrics"]["acc"])
+    b = statistics.median(bare)
+    finetune = statistics.median(ours["finetune"]) if "finetune" in ours else None
+    print(f"Split Digits / MLP {'-'.join(map(str, [64, *base.backbone.hidden_sizes, 10]))} / class-IL / SGD lr "
+          f"{base.train.lr} / batch {base.train.batch_size} / {base.train.epochs} epochs per task; {device}, "
+          f"{torch.get_num_threads()} thread(s); median of {args.repeats}")
+    print("| job | steps | train+eval s | x bare loop | x finetune | final acc |")
+    print("|---|---|---|---|---|---|")
+    print(f"| bare PyTorch loop | {steps.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
+    for n in names:
+        t = statistics.median(ours[n])
+        rel = f"{t / finetune:.2f}" if finetune else "–"
+        print(f"| {n} | {steps[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {steps[n][1]:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The benchmark scripts run (tiny sizes, on the CPU); they measure speed, these tests only
+check that they do the work they claim and print their table."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cl_bench.cli", "script", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
+    done = script("bench_gpu", "--device", "cpu", "--per-class", "8", "--test-per-class", "4", "--repeats", "1",
+                  "--root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Split CIFAR-10 (80 training images, 5 tasks) / ResNet-18" in done.stdout
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if re.match(r"^(32|bf16)\s", line)}
+    assert set(rows) == {"32", "bf16"}
+    for row in rows.values():
+        bare, ours, train_ratio, all_ratio = (float(v) for v in row[1:5])
+        assert bare > 0 and ours > 0 and train_ratio > 0 and all_ratio > 0
+    # the files it wrote are CIFAR-10's python batches
+    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-py").iterdir()) == [
+        "batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+
+
+def test_bench_all_prints_a_row_per_strategy(tmp_path):
+    done = script("bench_all", "--strategies", "finetune,er", "--repeats", "1", "train.epochs=1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    table = {cells[0].strip(): cells for cells in rows[1:]}
+    assert list(table) == ["bare PyTorch loop", "finetune", "er"]
+    # 5 tasks x ceil(~250 samples / 32) steps, 1 epoch each; both strategies take the same steps
+    assert table["finetune"][1].strip() == table["er"][1].strip() and int(table["finetune"][1]) > 0
+    assert float(table["finetune"][4]) == 1.0
