@@ -500,7 +500,7 @@ class Runner:
                 completed=first_epoch * steps_per_epoch + (first_batch if order is not None else 0),
             )
         # the global step (over all tasks) before this task's first step, for the loggers
-        self._step_offset = sum(log["steps"] for log in self._live_progress["train_log"])
+        self._step_offset = self._global_step(getattr(self, "_live_progress", {"train_log": []}))
         with self._autocast():
             steps, loss_sum = self._train_epochs(task, data, bar, progress_bar, first_epoch, first_batch, order,
                                                  steps, loss_sum, epoch_loss)

