@@ -188,7 +188,7 @@ def is_fast(strategy: str, backbone: str, optimizer: str, scenario: str, dataset
     SGD (momentum + weight decay), plus AdamW (decoupled weight decay) on the batch-norm
     ResNet; the isolation methods also on the CIFAR files with the batch-norm ResNet.
     Everything else (other scenarios, Adam, AdamW elsewhere, carried optimizer state, the
-    other CIFAR cases) is `slow`."""
+    other CIFAR cases) is `exhaustive`."""
     if scenario != collected_scenarios(strategy)[0]:
         return False
     if dataset == "cifar10":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -11,6 +12,60 @@ from hydra import compose, initialize_config_module
 import cl_bench.config  # noqa: F401  (registers the schema)
 
 CONF = files("cl_bench.conf")
+
+# Under pytest-xdist every worker gets one torch thread (and so do the clbench processes the
+# tests start): the workers already use every core, and the tests' small models gain nothing
+# from intra-op threads that would spin-wait against the other workers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+# The fast tier, `pytest -m "not slow"` (under 2 minutes on a 2-core machine): one quick test
+# of each area, by node id (a file, a test, or a test's parametrisations); every other test is
+# marked `slow` here, and so is every `exhaustive` one. `pytest` (CI) runs both tiers.
+FAST_TIER = (
+    "tests/test_metrics.py",
+    "tests/test_buffer.py",
+    "tests/test_distillation.py",
+    "tests/test_backbones.py",
+    "tests/test_runner.py",
+    "tests/test_progress.py",
+    "tests/test_report.py",
+    "tests/test_training_controls.py",
+    "tests/test_datasets.py",
+    "tests/test_failures.py::test_bad_training_values_are_refused_before_training",
+    "tests/test_failures.py::test_a_nan_step_is_caught_at_the_end_of_its_epoch",
+    "tests/test_configs.py::test_misspelled_top_level_key_fails",
+    "tests/test_configs.py::test_wrong_type_fails_naming_the_key",
+    "tests/test_configs.py::test_unknown_strategy_argument_fails_naming_the_key",
+    "tests/test_cli.py::test_unknown_command",
+    "tests/test_cli.py::test_list_shows_groups_from_the_config_tree",
+    "tests/test_cli.py::test_errors_exit_nonzero_with_one_clear_message[strategy=nope",
+    "tests/test_bad_inputs.py::test_report_lists_an_empty_metrics_json_as_failed",
+    "tests/test_regularization.py::test_importances_nonzero_and_finite_after_first_task",
+    "tests/test_regularization.py::test_penalty_pulls_towards_the_anchor",
+    "tests/test_replay.py::test_memory_never_exceeds_its_budget",
+    "tests/test_isolation.py::test_packnet_masks_are_disjoint_and_cover_the_pruned_fraction",
+    "tests/test_isolation.py::test_bad_hyperparameters_name_the_key",
+    "tests/test_generative.py::test_models_are_sized_by_the_image_shape",
+    "tests/test_generative.py::test_dgm_masks_are_binary_old_units_get_no_gradient_and_the_generator_grows",
+    "tests/test_preemption.py::test_a_bad_checkpoint_every_is_refused_before_anything_runs",
+    "tests/test_preemption.py::test_a_signal_outside_the_training_loop_stops_after_the_task",
+    "tests/test_user_extension.py::test_python_api_runs_the_cli_code_path",
+    "tests/test_sweeps.py::test_parallel_workers_get_their_own_gpu_round_robin",
+)
+
+
+def _in_fast_tier(nodeid: str) -> bool:
+    return any(nodeid == p or nodeid.startswith((p + "::", p + "[")) for p in FAST_TIER)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("exhaustive") or not _in_fast_tier(item.nodeid):
+            item.add_marker(pytest.mark.slow)
 
 
 def conf_options(group: str) -> list[str]:

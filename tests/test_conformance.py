@@ -27,7 +27,7 @@ tests/conformance_cases.py) and checks, while it runs:
 (PROTECTION_OFF) gives finetune's accuracy matrix and final weights on the same stream
 and seed. Strategies without such a switch say why in the table.
 
-The fast tier (see `is_fast`) runs in CI; the rest is marked `slow`.
+The default tier (see `is_fast`) runs in CI; the rest is marked `exhaustive`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ PROBE_SAMPLES = 32
 
 
 def _param(case: tuple, fast: bool):
-    return pytest.param(*case, id="-".join(case), marks=() if fast else pytest.mark.slow)
+    return pytest.param(*case, id="-".join(case), marks=() if fast else pytest.mark.exhaustive)
 
 
 # ----- the tables cover every strategy ------------------------------------------------------

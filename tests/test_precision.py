@@ -64,7 +64,7 @@ def run(strategy: str, precision: str, folder):
 
 
 @pytest.mark.parametrize("strategy", [
-    pytest.param(s, marks=() if s in FAST else (pytest.mark.slow,)) for s in conf_options("strategy")
+    pytest.param(s, marks=() if s in FAST else (pytest.mark.exhaustive,)) for s in conf_options("strategy")
 ])
 def test_bf16_stays_close_to_float32_and_keeps_float32_state(strategy, tmp_path):
     ref_runner, ref = run(strategy, "32", tmp_path / "fp32")

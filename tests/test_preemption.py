@@ -116,7 +116,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(strategy, tmp_path):
 
 # The publication protocol: batch norm in every block, SGD with momentum and weight decay
 # (its momentum carried across tasks too) and AdamW. A few strategies of each family run
-# fast; every strategy runs in the slow tier.
+# fast; every strategy runs in the exhaustive tier.
 PROTOCOL_FAST = ("finetune", "ewc", "si", "er", "lwf", "icarl", "packnet", "hat")
 
 
@@ -125,7 +125,7 @@ def protocol_cases() -> list:
     for strategy in conf_options("strategy"):
         for optimizer in ("sgd", "sgd_keep", "adamw"):
             fast = strategy in PROTOCOL_FAST and optimizer == "sgd_keep"
-            marks = () if fast else (pytest.mark.slow,)
+            marks = () if fast else (pytest.mark.exhaustive,)
             cases.append(pytest.param(strategy, optimizer, marks=marks, id=f"{strategy}-resnet_bn-{optimizer}"))
     return cases
 

@@ -81,7 +81,7 @@ def assert_finite_run(summary: dict, strategy, what: str) -> None:
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters()), f"{what}: non-finite weights"
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("dataset", list(STREAMS))
 @pytest.mark.parametrize("strategy", STRATEGIES)
