@@ -371,6 +371,11 @@ class WandbLogger(Logger):
             self._emit(math.inf)
             run.finish(exit_code=0 if status == "finished" else 1)
             self.run = None
+            # stop W&B's background service too: its offline files are complete once this
+            # returns (finish alone can leave the last records to the service, seen under load)
+            import wandb
+
+            wandb.teardown()
 
 
 # ----- MLflow -------------------------------------------------------------------------------------
