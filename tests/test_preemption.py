@@ -59,10 +59,13 @@ class SignalAt(Runner):
             task = batch.task.id
             self.counts[task] = self.counts.get(task, 0) + 1
             if (task, self.counts[task]) == self.at:
-                os.kill(os.getpid(), self.signum)
+                self.hit()
             return out
 
         self.strategy.train_step = step
+
+    def hit(self) -> None:
+        os.kill(os.getpid(), self.signum)
 
 
 def final_state(runner: Runner) -> dict:
@@ -400,26 +403,11 @@ CONTROLS = (
 )
 
 
-class DieAt(Runner):
+class DieAt(SignalAt):
     """The process dies (an exception that nothing catches) right after step `at_step` of task `at_task`."""
 
-    def __init__(self, cfg, folder, at_task: int, at_step: int) -> None:
-        super().__init__(cfg, folder)
-        self.at, self.counts = (at_task, at_step), {}
-
-    def build(self) -> None:
-        super().build()
-        train_step = self.strategy.train_step
-
-        def step(batch):
-            out = train_step(batch)
-            task = batch.task.id
-            self.counts[task] = self.counts.get(task, 0) + 1
-            if (task, self.counts[task]) == self.at:
-                raise KeyboardInterrupt("killed")
-            return out
-
-        self.strategy.train_step = step
+    def hit(self) -> None:
+        raise KeyboardInterrupt("killed")
 
 
 @pytest.mark.parametrize("strategy, at_step, how", [
