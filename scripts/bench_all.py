@@ -2,7 +2,8 @@
 
 The README's performance table is this script's output. Protocol (issue 17's): Split
 Digits, class-IL, the default MLP 64-256-256-10, SGD lr 0.05, batch 32, 10 epochs per
-task (400 steps), each strategy with its shipped defaults. In one process, on the same
+task (400 steps), each strategy with its shipped defaults, in class-IL where it supports it
+(else task-IL: the parameter-isolation methods; the bare loop stays class-IL fine-tuning). In one process, on the same
 stream: per repetition the bare loop (plain SGD fine-tuning written as a PyTorch script,
 `bench_data_path.bare_loop`) and then every strategy once, in turn; medians over the
 repetitions. Time is the runner's own train + eval time (metrics.json's timing), without
@@ -42,8 +43,15 @@ def main() -> None:
     args = parser.parse_args()
     names = args.strategies.split(",") if args.strategies else sorted(
         p.name[:-5] for p in files("cl_bench.conf").joinpath("strategy").iterdir() if p.name.endswith(".yaml"))
+    from hydra.utils import get_object
+
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
-        configs = {n: compose("config", overrides=[*PROTOCOL, f"strategy={n}", *args.overrides]) for n in names}
+        configs = {}
+        for n in names:  # class-IL where the strategy supports it, else task-IL (the isolation methods)
+            cfg = compose("config", overrides=[*PROTOCOL, f"strategy={n}", *args.overrides])
+            if "class_il" not in get_object(cfg.strategy._target_).scenarios:
+                cfg = compose("config", overrides=[*PROTOCOL, f"strategy={n}", "scenario=task_il", *args.overrides])
+            configs[n] = cfg
         base = compose("config", overrides=[*PROTOCOL, "strategy=finetune", *args.overrides])
     device = resolve_device(base.device.name)
     if base.device.num_threads is not None:
@@ -58,19 +66,20 @@ def main() -> None:
             for n in names:
                 loop, _, summary = bench_overhead.clbench_run(configs[n], Path(tmp) / f"{n}-{r}")
                 ours[n].append(loop)
-                steps[n] = (sum(t["steps"] for t in summary["train_log"]), summary["metrics"]["acc"])
+                steps[n] = (sum(t["steps"] for t in summary["train_log"]), summary["metrics"]["acc"],
+                            summary["scenario"])
     b = statistics.median(bare)
     finetune = statistics.median(ours["finetune"]) if "finetune" in ours else None
     print(f"Split Digits / MLP {'-'.join(map(str, [64, *base.backbone.hidden_sizes, 10]))} / class-IL / SGD lr "
           f"{base.train.lr} / batch {base.train.batch_size} / {base.train.epochs} epochs per task; {device}, "
           f"{torch.get_num_threads()} thread(s); median of {args.repeats}")
-    print("| job | steps | train+eval s | x bare loop | x finetune | final acc |")
-    print("|---|---|---|---|---|---|")
-    print(f"| bare PyTorch loop | {steps.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
+    print("| job | scenario | steps | train+eval s | x bare loop | x finetune | final acc |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| bare PyTorch loop | class_il | {steps.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
     for n in names:
         t = statistics.median(ours[n])
         rel = f"{t / finetune:.2f}" if finetune else "–"
-        print(f"| {n} | {steps[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {steps[n][1]:.4f} |")
+        print(f"| {n} | {steps[n][2]} | {steps[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {steps[n][1]:.4f} |")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
 
 
 def test_bench_all_prints_a_row_per_strategy(tmp_path):
-    done = script("bench_all", "--strategies", "finetune,er", "--repeats", "1", "train.epochs=1", cwd=tmp_path)
+    done = script("bench_all", "--strategies", "finetune,er,packnet", "--repeats", "1", "train.epochs=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
     table = {cells[0].strip(): cells for cells in rows[1:]}
-    assert list(table) == ["bare PyTorch loop", "finetune", "er"]
+    assert list(table) == ["bare PyTorch loop", "finetune", "er", "packnet"]
+    assert [table[n][1].strip() for n in ("finetune", "er", "packnet")] == ["class_il", "class_il", "task_il"]
     # 5 tasks x ceil(~250 samples / 32) steps, 1 epoch each; both strategies take the same steps
-    assert table["finetune"][1].strip() == table["er"][1].strip() and int(table["finetune"][1]) > 0
-    assert float(table["finetune"][4]) == 1.0
+    assert table["finetune"][2].strip() == table["er"][2].strip() and int(table["finetune"][2]) > 0
+    assert float(table["finetune"][5]) == 1.0
