@@ -369,7 +369,7 @@ class Runner:
     def _save_mid(self, task, position: dict) -> None:
         """Write the boundary state plus a snapshot of the task in progress (see the module docstring)."""
         if position.get("order") is not None:
-            self._flush_step_losses(position["batch"])  # the loggers hold every step up to the snapshot
+            self._flush_step_losses()  # the loggers hold every step up to the snapshot
         if self._boundary_cache is None:
             ckpt = torch.load(io.BytesIO(self._boundary_bytes), map_location="cpu", weights_only=False)
             self._boundary_cache = {k: ckpt[k] for k in ("model", "strategy", "optimizer", "optimizer_groups", "rng")}
@@ -543,7 +543,7 @@ class Runner:
         every = self._every
         # Per-step losses stay on the device and reach the loggers once per epoch (and before
         # a mid-task save), so logging costs no host sync per step.
-        step_losses = torch.empty(steps_per_epoch, device=self.device) if self._log_step_losses else None
+        step_losses: Optional[list] = [] if self._log_step_losses else None
         scheduled = getattr(cfg.scheduler, "value", cfg.scheduler) != "none" or cfg.warmup_epochs > 0
         validating = cfg.validate or cfg.patience > 0
         logged_lr = None
@@ -553,7 +553,7 @@ class Runner:
             if order is None:  # a fresh epoch: the same draw as data.stream.iterate_batches
                 order = torch.randperm(n, generator=self.data_generator)
                 first_batch, epoch_loss = 0, torch.zeros((), device=self.device)
-            self._pending_log = (task, epoch, first_batch, steps, step_losses)
+            self._pending_log = (task, epoch, steps, step_losses)
             order_on_device = order.to(self.device)
             pending = 0  # steps not yet shown on the progress bar (it is refreshed at most 20 times a second)
             for b in range(first_batch, steps_per_epoch):
@@ -569,7 +569,7 @@ class Runner:
                 loss = out["loss"]
                 epoch_loss += loss
                 if step_losses is not None:
-                    step_losses[b] = loss
+                    step_losses.append(loss)  # no device op per step: stacked at the flush
                 steps += 1
                 if bar is not None:
                     pending += 1
@@ -581,7 +581,7 @@ class Runner:
                         epoch=epoch, batch=b + 1, order=order, steps=steps, loss_sum=loss_sum, epoch_loss=epoch_loss,
                     ))
             loss_sum += epoch_loss
-            self._flush_step_losses(steps_per_epoch)
+            self._flush_step_losses()
             epoch_mean = (epoch_loss / steps_per_epoch).item()  # the one host sync of the epoch
             self._diverged(task, f"epoch {epoch}", epoch_mean, weights=epoch == cfg.epochs - 1)
             if bar is not None:
@@ -645,16 +645,17 @@ class Runner:
     # optimizer steps over all tasks so far.
     _log_step_losses = False  # true when a logger wants the loss of every step
 
-    def _flush_step_losses(self, upto: int) -> None:
-        """Send the losses of the current epoch's steps not yet logged, up to batch `upto`."""
+    def _flush_step_losses(self) -> None:
+        """Send the losses of the current epoch's steps not yet logged to the loggers."""
         if self._pending_log is None:
             return
-        task, epoch, first, steps_before, losses = self._pending_log
-        if losses is not None and upto > first:
-            values = losses[first:upto].tolist()  # one host sync
-            start = self._step_offset + steps_before
-            self._log_steps(task, epoch, start, values)
-        self._pending_log = (task, epoch, upto, steps_before + (upto - first), losses)
+        task, epoch, steps_before, losses = self._pending_log
+        if losses:
+            values = torch.stack([loss.float() for loss in losses]).tolist()  # one host sync
+            losses.clear()
+            self._log_steps(task, epoch, self._step_offset + steps_before, values)
+            steps_before += len(values)
+        self._pending_log = (task, epoch, steps_before, losses)
 
     _loggers = None  # cl_bench.loggers.RunLoggers while run() runs
 
