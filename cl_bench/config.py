@@ -292,16 +292,12 @@ def check_training_controls(cfg: DictConfig) -> None:
         what = "train.validate" if t.validate else f"train.patience={t.patience}"
         raise CLBenchError(f"{what} needs a validation split: set dataset.val_fraction > 0 (e.g. 0.1)")
     first = ds.get("first_task_classes", None)
-    if first is not None:
-        if first < 1:
-            raise CLBenchError(f"dataset.first_task_classes must be at least 1 (null: equal tasks), got {first}")
-        if ds.get("num_tasks", 2) < 2:
-            raise CLBenchError(f"dataset.first_task_classes={first} needs dataset.num_tasks >= 2, got {ds.num_tasks}")
-    num_classes = getattr(_target_of(ds, "dataset"), "num_classes", None)  # known for the bundled datasets
-    if isinstance(num_classes, int) and "num_tasks" in ds:
+    if first is not None or "num_tasks" in ds:
         from cl_bench.data.stream import check_task_split
 
-        check_task_split(num_classes, ds.num_tasks, first)
+        num_classes = getattr(_target_of(ds, "dataset"), "num_classes", None)  # known for the bundled datasets
+        known = num_classes if isinstance(num_classes, int) and "num_tasks" in ds else None
+        check_task_split(known, ds.get("num_tasks", 2), first)
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -663,9 +663,7 @@ class Runner:
         """Per-step training losses: `losses[i]` is global step `start + i + 1`."""
         if self._loggers is None:
             return
-        opt = self.strategy.optimizer
-        lr = float(opt.param_groups[0]["lr"]) if opt is not None and opt.param_groups else None
-        self._loggers.log_steps(getattr(task, "id", task), epoch, start, losses, lr)
+        self._loggers.log_steps(getattr(task, "id", task), epoch, start, losses, self._lr())
 
     def _log(self, metrics: dict, step: int) -> None:
         """Scalars (name -> float) at global step `step`, for every active logger."""

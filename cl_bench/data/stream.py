@@ -335,18 +335,21 @@ def class_incremental_stream(
     )
 
 
-def check_task_split(num_classes: int, num_tasks: int, first_task_classes: Optional[int] = None) -> None:
-    """One-line errors for a split of `num_classes` classes into tasks that cannot be made."""
+def check_task_split(num_classes: Optional[int], num_tasks: int, first_task_classes: Optional[int] = None) -> None:
+    """One-line errors for a split of `num_classes` classes into tasks that cannot be made
+    (`num_classes` None, not known before loading: the checks that need no class count)."""
     if num_tasks < 1:
         raise CLBenchError(f"dataset.num_tasks must be at least 1, got {num_tasks}")
     if first_task_classes is None:
-        if num_classes % num_tasks:
+        if num_classes is not None and num_classes % num_tasks:
             raise CLBenchError(
                 f"dataset.num_tasks={num_tasks} does not divide the {num_classes} classes evenly "
                 "(dataset.first_task_classes gives the first task more)"
             )
         return
-    if not 1 <= first_task_classes < num_classes:
+    if first_task_classes < 1:
+        raise CLBenchError(f"dataset.first_task_classes must be at least 1 (null: equal tasks), got {first_task_classes}")
+    if num_classes is not None and first_task_classes >= num_classes:
         raise CLBenchError(
             f"dataset.first_task_classes must be between 1 and {num_classes - 1} (the stream has "
             f"{num_classes} classes), got {first_task_classes}"
@@ -356,6 +359,8 @@ def check_task_split(num_classes: int, num_tasks: int, first_task_classes: Optio
             f"dataset.first_task_classes={first_task_classes} needs dataset.num_tasks >= 2 (the first task "
             f"plus the tasks sharing the other classes), got {num_tasks}"
         )
+    if num_classes is None:
+        return
     rest = num_classes - first_task_classes
     if rest % (num_tasks - 1):
         raise CLBenchError(
