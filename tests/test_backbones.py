@@ -83,3 +83,55 @@ def test_pretrained_weights_from_the_torch_cache_only(tmp_path, monkeypatch):
     small = ResNet18((3, 32, 32), 10, pretrained=True)  # adapted stem keeps its own init
     assert torch.equal(small.body.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert small.body.conv1.weight.shape == (64, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backbone", conf_options("backbone"))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+def test_feature_maps_end_with_the_features_and_the_last_relu_can_be_removed(backbone, shape):
+    """feature_maps(x): one output per stage of the body (image maps for conv backbones), the
+    last one being features(x); set_last_relu(False) lets the features go negative without
+    changing any other stage, and set_last_relu(True) gives back the original features."""
+    torch.manual_seed(0)
+    model = build(compose_cfg(f"backbone={backbone}").backbone, "backbone", input_shape=shape, num_outputs=5).eval()
+    x = torch.randn(4, *shape)
+    maps = model.feature_maps(x)
+    feats = model.features(x)
+    assert len(maps) >= 2 and torch.allclose(maps[-1], feats, atol=1e-6)
+    if backbone != "mlp" and not backbone.startswith("mlp"):
+        assert all(m.dim() == 4 and m.shape[0] == 4 for m in maps[:-1])
+    assert (feats >= 0).all()
+    model.set_last_relu(False)
+    signed = model.features(x)
+    assert (signed < 0).any()
+    assert torch.allclose(model(x), model.head(signed), atol=1e-5)
+    for before, after in zip(maps[:-2], model.feature_maps(x)[:-2]):
+        assert torch.equal(before, after)
+    model.set_last_relu(True)
+    assert torch.equal(model.features(x), feats)
+
+
+def test_cosine_head_is_a_scaled_cosine_and_merges_proxies_by_softmax():
+    """LUCIR's cosine classifier (one proxy, learnable sigma) and PODNet's local similarity
+    classifier (K proxies merged by softmax-weighted averaging), against direct formulas."""
+    from cl_bench.models.heads import CosineHead
+
+    torch.manual_seed(0)
+    f = torch.randn(6, 16)
+    head = CosineHead(16, 5)
+    assert isinstance(head.sigma, nn.Parameter) and head.sigma.item() == 1.0
+    with torch.no_grad():
+        head.sigma.fill_(3.0)
+    w = head.weight
+    expected = 3.0 * (f @ w.T) / f.norm(dim=1, keepdim=True) / w.norm(dim=1)
+    assert torch.allclose(head(f), expected, atol=1e-5)
+    assert head(f).abs().max() <= 3.0 + 1e-5
+
+    lsc = CosineHead(16, 5, proxies=3, scale=2.0)
+    assert "sigma" in dict(lsc.named_buffers()) and lsc.weight.shape == (15, 16)
+    cos = torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(lsc.weight, dim=1).T
+    per_class = cos.view(6, 5, 3)
+    merged = (per_class.softmax(2) * per_class).sum(2)
+    assert torch.allclose(lsc(f), 2.0 * merged, atol=1e-5)
+    assert torch.equal(lsc.class_weights(2), lsc.weight[6:9])
+    with pytest.raises(CLBenchError, match="proxy"):
+        CosineHead(16, 5, proxies=0)

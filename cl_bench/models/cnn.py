@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cl_bench import CLBenchError
+from cl_bench.models.heads import stage_outputs
 
 
 class CNN(nn.Module):
@@ -39,22 +40,32 @@ class CNN(nn.Module):
             raise CLBenchError(f"backbone.dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = []
         width, size = input_shape[0], min(input_shape[1:])
+        self._stage_ends: list[int] = []
         for c in channels:
             layers += [nn.Conv2d(width, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
             if size >= 2 * pool_size:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
+            self._stage_ends.append(len(layers) - 1)
             width = c
         layers += [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
         if dropout:
             layers.append(nn.Dropout(dropout))
         layers += [nn.Linear(width * pool_size * pool_size, hidden_size), nn.ReLU()]
+        self._stage_ends.append(len(layers) - 1)
         self.body = nn.Sequential(*layers)
         self.feature_dim = hidden_size
         self.head = nn.Linear(hidden_size, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each convolutional stage's output map (B, C, H, W), then features(x) (B, hidden_size)."""
+        return stage_outputs(self.body, x, self._stage_ends)[0]
+
+    def set_last_relu(self, on: bool) -> None:
+        self.body[len(self.body) - 1] = nn.ReLU() if on else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

@@ -14,7 +14,8 @@
   a stem that was adapted or has a different channel count keeps its random init.
 
 All expose `body` (input -> pooled penultimate activations), `head` (the linear output
-layer), `features(x)` = `body(x)` and `feature_dim`, like the other backbones, so the
+layer), `features(x)` = `body(x)`, `feature_dim`, `feature_maps(x)` (each stage's output
+map, then the pooled features) and `set_last_relu(on)`, like the other backbones, so the
 masked strategies (PackNet, Piggyback, HAT, CPG) can swap their layers. State dicts
 saved before `body` existed (keys `stem.*`, `stages.*`) still load.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench import CLBenchError
+from cl_bench.models.heads import stage_outputs
 
 
 class BasicBlock(nn.Module):
@@ -44,6 +46,7 @@ class BasicBlock(nn.Module):
         if (stride != 1 or c_in != c_out) and shortcut == "conv":
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
         self.parameter_free = shortcut == "pad"
+        self.relu_out = True  # False: the block's output is the pre-activation sum (set_last_relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -54,18 +57,24 @@ class BasicBlock(nn.Module):
             skip = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad_channels))
         else:
             skip = x
-        return F.relu(out + skip)
+        out = out + skip
+        return F.relu(out) if self.relu_out else out
 
 
 class _SmallInputBody(nn.Module):
     """Stem, stages, global average pooling: the features of a small-input ResNet."""
 
-    def __init__(self, stem: nn.Module, stages: nn.Module) -> None:
+    def __init__(self, stem: nn.Module, stages: nn.Module, stage_ends: list[int]) -> None:
         super().__init__()
         self.stem, self.stages = stem, stages
+        self.stage_ends = stage_ends  # indices of each stage's last block in `stages`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps, last = stage_outputs(self.stages, self.stem(x), self.stage_ends)
+        return [*maps, F.adaptive_avg_pool2d(last, 1).flatten(1)]
 
 
 class _SmallInputResNet(nn.Module):
@@ -76,12 +85,13 @@ class _SmallInputResNet(nn.Module):
         if len(input_shape) != 3:
             raise CLBenchError(f"a ResNet backbone needs image input (C, H, W), got shape {tuple(input_shape)}")
         stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        layers, c_in = [], widths[0]
+        layers, c_in, ends = [], widths[0], []
         for stage, (width, n) in enumerate(zip(widths, blocks)):
             for b in range(n):
                 layers.append(BasicBlock(c_in, width, 2 if stage > 0 and b == 0 else 1, shortcut))
                 c_in = width
-        self.body = _SmallInputBody(stem, nn.Sequential(*layers))
+            ends.append(len(layers) - 1)
+        self.body = _SmallInputBody(stem, nn.Sequential(*layers), ends)
         self.feature_dim = c_in
         self.head = nn.Linear(c_in, num_outputs)
 
@@ -92,6 +102,13 @@ class _SmallInputResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output map (B, C, H, W), then features(x) (pooled, B x feature_dim)."""
+        return self.body.feature_maps(x)
+
+    def set_last_relu(self, on: bool) -> None:
+        self.body.stages[len(self.body.stages) - 1].relu_out = on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -127,6 +144,12 @@ def cached_torchvision_weights(weights) -> dict:
         raise CLBenchError(f"cannot read the cached weights {file} ({exc}); delete it and fetch it again") from None
 
 
+def _block_without_relu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's BasicBlock.forward without its final ReLU."""
+    out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+    return out + (x if block.downsample is None else block.downsample(x))
+
+
 class ResNet18(nn.Module):
     def __init__(
         self, input_shape: tuple, num_outputs: int, small_input: str = "auto", pretrained: bool = False
@@ -153,9 +176,30 @@ class ResNet18(nn.Module):
         net.fc = nn.Identity()
         self.body = net
         self.head = nn.Linear(self.feature_dim, num_outputs)
+        self.last_relu = True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if self.last_relu:
+            return self.body(x)
+        return self.feature_maps(x)[-1]
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """layer1..layer4's output maps (B, C, H, W), then features(x) (pooled, B x 512)."""
+        net = self.body
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        maps = []
+        for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+            if i == 3 and not self.last_relu:
+                for block in layer[:-1]:
+                    x = block(x)
+                x = _block_without_relu(layer[-1], x)
+            else:
+                x = layer(x)
+            maps.append(x)
+        return [*maps, torch.flatten(net.avgpool(x), 1)]
+
+    def set_last_relu(self, on: bool) -> None:
+        self.last_relu = on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.features(x))
