@@ -73,6 +73,13 @@ class TrainConfig:
     # bfloat16 (the weights, the optimizer and the strategies' end-of-task phases, e.g.
     # Fisher/importance passes, stay float32)
     precision: str = "32"
+    # torch.compile the strategy's model after its setup (nn.Module.compile: model(x) calls run
+    # compiled; state dicts and checkpoints are unchanged). A strategy whose model changes
+    # shape from task to task (PNN, DEN, CPG, individual networks) runs eagerly, with a
+    # one-line warning. compile_backend: torch.compile's backend (inductor; eager or
+    # aot_eager trace without generating code).
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Learning-rate schedule within each task (it restarts at every task), applied to the
     # optimizer of the strategy's training steps, every param group scaled from its own base
     # lr: none, multistep (x gamma at each epoch of `milestones`) or cosine (from the base lr
@@ -104,6 +111,10 @@ class DeviceConfig:
     # cuDNN picks deterministic algorithms (and no autotuning): the same numbers on every run
     # of a GPU; false lets cuDNN benchmark and choose the fastest. Recorded in metrics.json.
     deterministic: bool = True
+    # The model's weights and every image batch in channels-last memory format (NHWC), the
+    # fast layout for convolutions with mixed precision on recent GPUs; no effect on
+    # non-image inputs. Recorded in metrics.json.
+    channels_last: bool = False
     # At most this share of the GPU's memory (torch.cuda.set_per_process_memory_fraction), so
     # that runs sharing a GPU cannot take each other's memory; null: no cap. A local parallel
     # sweep with more workers than GPUs sets it to each run's share (cl_bench.sweep.assign_gpu).
@@ -263,6 +274,15 @@ def _check_schema_keys(cfg: DictConfig) -> None:
 PRECISIONS = ("32", "bf16")
 
 
+def check_compile_backend(backend: str) -> None:
+    """train.compile_backend must be one of torch.compile's registered backends."""
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if backend not in known:
+        raise CLBenchError(f"train.compile_backend={backend!r} is not a torch.compile backend; choose one of {', '.join(known)}")
+
+
 def check_training_controls(cfg: DictConfig) -> None:
     """train.scheduler/milestones/gamma/warmup_epochs/min_lr/clip_grad_norm/validate/patience and
     dataset.first_task_classes: values that cannot work are refused in one line."""
@@ -328,6 +348,8 @@ def preflight(cfg: DictConfig) -> None:
         hint = "; fp16 needs a gradient scaler in every strategy's step, which clbench does not have yet: use bf16" \
             if str(t.precision) in ("fp16", "16", "16-mixed") else ""
         raise CLBenchError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}{hint}")
+    if t.compile:
+        check_compile_backend(str(t.compile_backend))
     check_training_controls(cfg)
     if not 0 <= cfg.seed < 2**32:
         raise CLBenchError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")

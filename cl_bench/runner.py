@@ -305,11 +305,33 @@ class Runner:
         self.strategy: Strategy = build(cfg.strategy, "strategy")
         if not isinstance(self.strategy, Strategy):
             raise CLBenchError(f"strategy._target_ must build a Strategy, got {type(self.strategy).__name__}")
+        if cfg.device.channels_last and len(stream.input_shape) == 3:
+            model = model.to(memory_format=torch.channels_last)
+            self.stream.transform.memory_format = torch.channels_last
         self.strategy.setup(model.to(self.device), self.stream, cfg.train, self.device)
+        if cfg.train.compile:
+            self._compile_model(cfg.train.compile_backend)
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
         # torch imports its compiler stack lazily at the first optimizer construction
         # (seconds); pay that here so task 0's train time measures training.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+    def _compile_model(self, backend: str) -> None:
+        """train.compile: torch.compile the strategy's model in place (its model(x) calls), or
+        say in one line why the run stays eager."""
+        strategy = self.strategy
+        self._compiled = False
+        if strategy.changes_model_shape:
+            strategy.warn(
+                f"train.compile: {type(strategy).__name__} changes its model's shape from task to task; "
+                "the run stays eager (no compilation)"
+            )
+            return
+        if type(strategy.model).forward is torch.nn.Module.forward:  # containers (ModuleList, ...)
+            strategy.warn(f"train.compile: {type(strategy.model).__name__} has no forward to compile; the run stays eager")
+            return
+        strategy.model.compile(backend=backend)
+        self._compiled = True
 
     # ----- checkpoints -----------------------------------------------------------------
     def _rng_state(self) -> dict:
@@ -980,6 +1002,8 @@ class Runner:
             # the largest over the processes that worked on the run
             "peak_memory_bytes": max(progress.get("peak_memory_bytes", 0), self._peak_memory()),
             "deterministic": bool(cfg.device.deterministic),
+            "channels_last": bool(cfg.device.channels_last),
+            "compiled": getattr(self, "_compiled", False),
             "train_log": progress["train_log"],
             "warnings": list(progress.get("warnings", [])),
             "versions": {

@@ -107,6 +107,8 @@ class BatchTransform:
         self.std = torch.tensor(list(std), dtype=torch.float32) if std else None
         self.augment = augment
         self._cache: dict = {}
+        # torch.channels_last (device.channels_last): image batches come out NHWC in memory
+        self.memory_format: Optional[torch.memory_format] = None
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (x.device, x.dim())
@@ -128,6 +130,8 @@ class BatchTransform:
         if self.mean is not None:
             mean, std = self._stats(x)
             x = (x - mean) / std
+        if self.memory_format is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
         return x
 
 

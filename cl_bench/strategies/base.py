@@ -72,6 +72,9 @@ class ClipGradNorm:
 
 class Strategy:
     scenarios: tuple[str, ...] = ("class_il", "task_il", "domain_il")
+    # True where the model gains or swaps modules from task to task (a column, units, a
+    # network per task): train.compile then runs it eagerly instead of recompiling each task
+    changes_model_shape: bool = False
 
     model: nn.Module
     stream: Stream

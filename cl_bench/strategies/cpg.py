@@ -43,6 +43,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class CPG(Strategy):
+    changes_model_shape = True
     scenarios = ("task_il",)
 
     def __init__(self, prune_ratio: float = 0.5, prune_steps: int = 3, target_acc: float = 0.98,

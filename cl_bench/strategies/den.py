@@ -45,6 +45,7 @@ NEVER = 1 << 30
 
 
 class DEN(Strategy):
+    changes_model_shape = True
     scenarios = ("task_il",)
 
     def __init__(self, l1: float = 3e-3, drift_penalty: float = 0.1, select_epochs: int = 1,

@@ -27,6 +27,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class IndividualNetworks(Strategy):
+    changes_model_shape = True
     scenarios = ("task_il",)
 
     def setup(self, model, stream, train_cfg, device) -> None:

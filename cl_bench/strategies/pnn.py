@@ -27,6 +27,7 @@ from cl_bench.models.masked import size_summary
 
 
 class PNN(Strategy):
+    changes_model_shape = True
     scenarios = ("task_il",)
     lateral = True
 
