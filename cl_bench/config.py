@@ -69,9 +69,10 @@ class TrainConfig:
     # ln(classes); a loss this large means the weights have blown up. 0 switches the bound
     # off (NaN/inf always fail).
     max_loss: float = 1.0e6
-    # 32 (float32), or bf16: training steps and evaluation under torch.autocast with
-    # bfloat16 (the weights, the optimizer and the strategies' end-of-task phases, e.g.
-    # Fisher/importance passes, stay float32)
+    # 32 (float32), bf16 or fp16: training steps and evaluation under torch.autocast with
+    # bfloat16 / float16 (the weights, the optimizer and the strategies' end-of-task phases,
+    # e.g. Fisher/importance passes, stay float32); fp16 adds dynamic loss scaling
+    # (cl_bench.strategies.base.LossScaler) to every training step
     precision: str = "32"
     # torch.compile the strategy's model after its setup (nn.Module.compile: model(x) calls run
     # compiled; state dicts and checkpoints are unchanged). A strategy whose model changes
@@ -271,7 +272,7 @@ def _check_schema_keys(cfg: DictConfig) -> None:
             raise CLBenchError(f"unknown key {name}; valid keys{' of ' + where if where else ''}: {', '.join(sorted(known))}")
 
 
-PRECISIONS = ("32", "bf16")
+PRECISIONS = ("32", "bf16", "fp16")
 
 
 def check_compile_backend(backend: str) -> None:
@@ -345,9 +346,15 @@ def preflight(cfg: DictConfig) -> None:
     if math.isnan(t.max_loss) or t.max_loss < 0:
         raise CLBenchError(f"train.max_loss must be >= 0 (0 switches the bound off), got {t.max_loss}")
     if str(t.precision) not in PRECISIONS:
-        hint = "; fp16 needs a gradient scaler in every strategy's step, which clbench does not have yet: use bf16" \
-            if str(t.precision) in ("fp16", "16", "16-mixed") else ""
-        raise CLBenchError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}{hint}")
+        raise CLBenchError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if str(t.precision) == "fp16":
+        strategy_class = _target_of(cfg.strategy, "strategy")
+        if not getattr(strategy_class, "supports_loss_scaling", False):
+            raise CLBenchError(
+                f"train.precision=fp16: strategy {_name(strategy_class)} does not declare supports_loss_scaling "
+                "(its gradients must go through Strategy.backward/optimizer_step to be loss-scaled); use "
+                "train.precision=bf16 or 32"
+            )
     if t.compile:
         check_compile_backend(str(t.compile_backend))
     check_training_controls(cfg)

@@ -64,7 +64,7 @@ from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_check
     parse_checkpoint_every,
     restore_task_state,
 )
-from cl_bench.strategies.base import Batch, PhaseProgress, Strategy
+from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy
 
 CHECKPOINT = "checkpoint.pt"
 # 2: "mid" (a mid-task snapshot or None) and progress["elapsed_s"].
@@ -309,6 +309,8 @@ class Runner:
             model = model.to(memory_format=torch.channels_last)
             self.stream.transform.memory_format = torch.channels_last
         self.strategy.setup(model.to(self.device), self.stream, cfg.train, self.device)
+        if str(cfg.train.precision) == "fp16":
+            self.strategy.scaler = LossScaler()
         if cfg.train.compile:
             self._compile_model(cfg.train.compile_backend)
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
@@ -343,6 +345,8 @@ class Runner:
         }
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.strategy.scaler is not None:  # not random, but saved and restored at the same points
+            state["loss_scaler"] = self.strategy.scaler.state_dict()
         return state
 
     def _set_rng_state(self, state: dict) -> None:
@@ -350,6 +354,8 @@ class Runner:
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"].cpu())
         self.data_generator.set_state(state["data"].cpu())
+        if "loss_scaler" in state:
+            self.strategy.scaler.load_state_dict(state["loss_scaler"])
         if "cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
@@ -531,6 +537,11 @@ class Runner:
         if controls["best_state"] is not None:  # early stopping: the best validation epoch's weights
             strategy.model.load_state_dict(controls["best_state"])
         strategy.after_task(task)  # consolidation (Fisher, pruning, generators, ...) in float32
+        if strategy.scaler is not None and steps and strategy.scaler.steps == 0:
+            raise CLBenchError(
+                f"train.precision=fp16: {type(strategy).__name__} trained {int(steps)} steps without loss scaling "
+                "(none went through Strategy.optimizer_step); use train.precision=bf16 or 32"
+            )
         self._diverged(task, "after the task (the strategy's consolidation)")
         log = {
             "mean_loss": (loss_sum / max(steps, 1)).item(),
@@ -552,8 +563,10 @@ class Runner:
         evaluation), else nothing."""
         from contextlib import nullcontext
 
-        if str(self.cfg.train.precision) == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        precision = str(self.cfg.train.precision)
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
 
     def _train_epochs(self, task, data, bar, progress_bar, first_epoch, first_batch, order, steps, loss_sum,
@@ -1002,6 +1015,10 @@ class Runner:
             # the largest over the processes that worked on the run
             "peak_memory_bytes": max(progress.get("peak_memory_bytes", 0), self._peak_memory()),
             "deterministic": bool(cfg.device.deterministic),
+            # train.precision=fp16: the final loss scale and how many steps it skipped (inf/NaN gradients)
+            "loss_scaling": None if self.strategy.scaler is None else {
+                "final_scale": self.strategy.scaler.value, "steps": self.strategy.scaler.steps,
+                "skipped_steps": self.strategy.scaler.skipped},
             "channels_last": bool(cfg.device.channels_last),
             "compiled": getattr(self, "_compiled", False),
             "train_log": progress["train_log"],

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -319,18 +319,22 @@ class FreezeGuard:
         if (factor < 1).any():
             self.items.append((param, factor))
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, step: Optional[Callable[[], Any]] = None) -> Any:
+        """Zero the frozen entries' gradients, take the step (`step()`, default
+        `optimizer.step()`: a strategy passes its loss-scaled `optimizer_step`), then put
+        every frozen entry back to its value before the step. Returns what `step` returned."""
         saved = [p.detach().clone() for p, _ in self.items]
         for p, rule in self.items:  # rule: bool mask of frozen entries, or float update factors
             if p.grad is not None:
                 p.grad.masked_fill_(rule if rule.dtype == torch.bool else rule == 0, 0.0)
-        optimizer.step()
+        taken = (step or optimizer.step)()
         with torch.no_grad():
             for (p, rule), old in zip(self.items, saved):
                 if rule.dtype == torch.bool:
                     p.copy_(torch.where(rule, old, p))
                 else:  # where the factor is 0, exactly the old value (even if the step produced inf/nan)
                     p.copy_(torch.where(rule == 0, old, old + rule * (p - old)))
+        return taken
 
 
 def head_rows_frozen(head: MaskedLayer, stream: Stream, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:

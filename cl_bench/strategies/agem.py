@@ -37,6 +37,7 @@ from cl_bench.strategies.gem import FlatGradient, flat_grad
 
 
 class AGEM(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il", "task_il", "domain_il")
 
     def __init__(self, memory_size: int = 200, sample_size: int = 256, selection: str = "random") -> None:
@@ -60,16 +61,18 @@ class AGEM(ReplayStrategy):
     def train_step(self, batch: Batch) -> dict:
         params = self._grad.params
         loss = self.loss(self.model(batch.x), batch.y)
-        g = flat_grad(loss, params, out=self._grad.flat)
+        g = flat_grad(self.scaled(loss), params, out=self._grad.flat)
+        self._grad.assign()
+        finite = self.unscale()  # fp16: true gradients before the projection (its 1e-12 floor is not scale-free)
         replayed = self.replay(self.sample_size)
         if replayed is not None:
-            g_ref = flat_grad(self.loss(self.model(replayed[0]), replayed[1]), params, out=self._reference)
-            dot = g @ g_ref
-            g.sub_(g_ref.mul_(dot.clamp(max=0) / (g_ref @ g_ref).clamp_min(1e-12)))
-            self._projected += dot < 0
+            g_ref = flat_grad(self.scaled(self.loss(self.model(replayed[0]), replayed[1])), params, out=self._reference)
+            if self.unscale_tensors(g_ref) and finite:
+                dot = g @ g_ref
+                g.sub_(g_ref.mul_(dot.clamp(max=0) / (g_ref @ g_ref).clamp_min(1e-12)))
+                self._projected += dot < 0
         self._steps += 1
-        self._grad.assign()
-        self.optimizer.step()
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -35,6 +35,7 @@ from cl_bench.strategies.importance import check_positive, check_unit
 
 
 class AGSCL(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     def __init__(self, lamb: float = 10.0, mu: float = 0.1, rho: float = 0.3, eta: float = 0.9) -> None:
         check_positive("lamb", lamb, allow_zero=True)
         check_positive("mu", mu, allow_zero=True)

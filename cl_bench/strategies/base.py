@@ -70,8 +70,83 @@ class ClipGradNorm:
             torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
 
 
+class LossScaler:
+    """Dynamic loss scaling for float16 training (train.precision=fp16; Micikevicius et al.
+    2018, "Mixed Precision Training", Sec. 3.2), with torch.amp.GradScaler's defaults: losses
+    are multiplied by `value` (2^16 at first) before backward so small float16 gradients do
+    not flush to zero; before the optimizer step the gradients are divided by it again
+    (`unscale`), and a step whose gradients hold inf/NaN is skipped and halves the scale;
+    after `growth_interval` finite steps in a row the scale doubles. Scales are powers of
+    two, so scaling and unscaling are exact in float32.
+
+    clbench's own class rather than GradScaler because the strategies need what GradScaler
+    keeps private: whether a step's gradients were finite (SI's path integral skips a
+    skipped step), unscaling gradients a strategy reads or rewrites before the step (GEM's
+    projection, EWC's penalty gradient), and unscaling tensors that are not `.grad`
+    (GEM's reference gradients)."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000) -> None:
+        self.value, self.growth_factor, self.backoff_factor = float(init_scale), growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0  # finite steps since the last change of scale
+        self.steps = 0  # optimizer steps taken through the scaler (skipped ones included)
+        self.skipped = 0
+        self._unscaled: dict[int, bool] = {}  # id(param) -> finite, for this step's gradients
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.value
+
+    @torch.no_grad()
+    def unscale_tensors(self, tensors: list[torch.Tensor]) -> bool:
+        """Divide `tensors` by the scale in place; True when all of them are finite."""
+        tensors = [t for t in tensors if t is not None]
+        if not tensors:
+            return True
+        torch._foreach_mul_(tensors, 1.0 / self.value)
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def unscale(self, params) -> bool:
+        """Unscale the `.grad` of `params` (each once per step); True when all are finite."""
+        todo = [p for p in params if p.grad is not None and id(p) not in self._unscaled]
+        finite = self.unscale_tensors([p.grad for p in todo])
+        for p in todo:
+            self._unscaled[id(p)] = finite
+        return all(self._unscaled.get(id(p), True) for p in params)
+
+    def update(self, finite: bool) -> None:
+        self._unscaled.clear()
+        self.steps += 1
+        if not finite:
+            self.value *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.value *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "good_steps": self.good_steps, "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.good_steps = float(state["value"]), int(state["good_steps"])
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class Strategy:
     scenarios: tuple[str, ...] = ("class_il", "task_il", "domain_il")
+    # float16 training (train.precision=fp16) needs every gradient of a training step to go
+    # through `backward`/`scaled` and `optimizer_step` (loss scaling); a strategy says so here
+    # and the runner refuses fp16 for one that does not
+    supports_loss_scaling: bool = False
+    # set by the runner for train.precision=fp16
+    scaler: Optional[LossScaler] = None
     # True where the model gains or swaps modules from task to task (a column, units, a
     # network per task): train.compile then runs it eagerly instead of recompiling each task
     changes_model_shape: bool = False
@@ -138,8 +213,8 @@ class Strategy:
     def train_step(self, batch: Batch) -> dict:
         loss = self.loss(self.model(batch.x), batch.y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:
@@ -175,6 +250,45 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    # ----- gradient steps (float16 loss scaling) -------------------------------------
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` times the loss scale under train.precision=fp16, else `loss`: for gradients
+        taken with torch.autograd.grad (unscale them with `unscale_tensors`)."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, loss-scaled under train.precision=fp16. A strategy that reads or
+        changes gradients before `optimizer_step` calls `unscale()` first."""
+        self.scaled(loss).backward()
+
+    def unscale(self, optimizer: Optional[torch.optim.Optimizer] = None) -> bool:
+        """Divide the gradients of `optimizer`'s parameters (default: the strategy's optimizer)
+        by the loss scale, once per step; True when they are finite (always without fp16)."""
+        if self.scaler is None:
+            return True
+        return self.scaler.unscale(_optimizer_params(optimizer or self.optimizer))
+
+    def unscale_tensors(self, *tensors: torch.Tensor) -> bool:
+        """Unscale gradient tensors that are not `.grad` (e.g. from torch.autograd.grad of a
+        `scaled` loss); True when finite."""
+        return True if self.scaler is None else self.scaler.unscale_tensors(list(tensors))
+
+    def optimizer_step(self, *optimizers: torch.optim.Optimizer) -> bool:
+        """`step()` of each optimizer (default: the strategy's). Under fp16: unscale first, and
+        skip every step when any gradient is inf/NaN (the scale then shrinks). Returns
+        whether the step was taken."""
+        optimizers = optimizers or (self.optimizer,)
+        if self.scaler is None:
+            for optimizer in optimizers:
+                optimizer.step()
+            return True
+        finite = all([self.unscale(optimizer) for optimizer in optimizers])
+        if finite:
+            for optimizer in optimizers:
+                optimizer.step()
+        self.scaler.update(finite)
+        return finite
 
     # ----- shared pieces -----------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:

@@ -45,6 +45,7 @@ from cl_bench.strategies.distillation import kd_loss
 
 
 class BiC(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(
@@ -119,8 +120,8 @@ class BiC(ReplayStrategy):
             lam = len(self._old) / int(self._seen.sum())
             loss = lam * distill + (1 - lam) * loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -43,6 +43,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class CPG(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     changes_model_shape = True
     scenarios = ("task_il",)
 
@@ -130,10 +131,9 @@ class CPG(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         if self.mask_optimizer is not None:
             self.mask_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.mask_optimizer is not None:
-            self.mask_optimizer.step()
-        self.guard.step(self.optimizer)
+        self.backward(loss)
+        optimizers = (self.optimizer,) if self.mask_optimizer is None else (self.mask_optimizer, self.optimizer)
+        self.guard.step(self.optimizer, lambda: self.optimizer_step(*optimizers))
         return {"loss": loss.detach()}
 
     def _train(self, task: Task, n_epochs: int, advance) -> None:

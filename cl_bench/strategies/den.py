@@ -45,6 +45,7 @@ NEVER = 1 << 30
 
 
 class DEN(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     changes_model_shape = True
     scenarios = ("task_il",)
 
@@ -105,8 +106,9 @@ class DEN(Strategy):
                 ((l.bias[: len(b)] - b) * m[: len(b)]).pow(2).sum()
                 for l, b, m in zip(self.model.hidden, self.old_bias, self.bias_masks) if l.bias is not None)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.guard.step(self.optimizer)
+        self.backward(loss)
+        if not self.guard.step(self.optimizer, self.optimizer_step):
+            return loss.detach()  # fp16: a skipped step (inf/NaN gradients) skips the proximal steps too
         with torch.no_grad():  # proximal steps for the L1 and group-lasso penalties
             shrink = self.train_cfg.lr * self.l1 * self.sparse
             for w, m in [(l.weight, m) for l, m in zip(self.model.hidden, self.train_masks)] + [(self.model.head.weight, self.head_mask)]:

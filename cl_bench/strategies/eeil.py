@@ -46,6 +46,7 @@ from cl_bench.strategies.distillation import kd_loss
 
 
 class EEIL(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(
@@ -88,8 +89,8 @@ class EEIL(ReplayStrategy):
             for outputs in groups:
                 loss = loss + kd_loss(logits, old_logits, self.temperature, outputs, t_squared=False)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return loss.detach()
 
     def train_step(self, batch: Batch) -> dict:

@@ -29,6 +29,7 @@ from cl_bench.strategies.buffer import ReplayStrategy
 
 
 class ER(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il", "task_il", "domain_il")
 
     def __init__(self, memory_size: int = 200, selection: str = "reservoir") -> None:
@@ -51,8 +52,8 @@ class ER(ReplayStrategy):
             x, y = torch.cat([x, replayed[0]]), torch.cat([y, replayed[1]])
         loss = self.loss(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         if self.memory.selection == "reservoir" and self._offered < len(batch.task.train):
             take = min(len(batch.y), len(batch.task.train) - self._offered)
             self.memory.add_reservoir(batch.raw[:take], batch.y[:take], batch.task.id, self.generator)

@@ -24,6 +24,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class FeatureExtraction(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("task_il",)
 
     def setup(self, model, stream, train_cfg, device) -> None:
@@ -53,8 +54,8 @@ class FeatureExtraction(Strategy):
     def train_step(self, batch) -> dict:
         loss = self.loss(self.model(batch.x), batch.y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.guard.step(self.optimizer)
+        self.backward(loss)
+        self.guard.step(self.optimizer, self.optimizer_step)
         return {"loss": loss.detach()}
 
     def summary(self) -> dict:

@@ -9,4 +9,4 @@ from cl_bench.strategies.base import Strategy
 
 
 class Finetune(Strategy):
-    pass
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step

@@ -95,6 +95,7 @@ def project_to_cone(g: torch.Tensor, G: torch.Tensor, margin: float, eps: float 
 
 
 class GEM(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il", "task_il", "domain_il")
 
     def __init__(self, memory_size: int = 200, memory_strength: float = 0.5, selection: str = "random") -> None:
@@ -135,15 +136,17 @@ class GEM(ReplayStrategy):
     def train_step(self, batch: Batch) -> dict:
         params, G = self._grad.params, self._memory_grads
         for row, (x, y) in zip(G, self.memory_inputs()):
-            flat_grad(self.loss(self.model(x), y), params, out=row)
+            flat_grad(self.scaled(self.loss(self.model(x), y)), params, out=row)
         loss = self.loss(self.model(batch.x), batch.y)
-        g = flat_grad(loss, params, out=self._grad.flat)
-        if len(G) and bool((G @ g < 0).any()):
+        g = flat_grad(self.scaled(loss), params, out=self._grad.flat)
+        self._grad.assign()
+        # fp16: G and g back to true gradients first (the QP's eps * I is not scale-free)
+        finite = self.unscale() and self.unscale_tensors(G)
+        if finite and len(G) and bool((G @ g < 0).any()):
             g.copy_(project_to_cone(g, G, self.memory_strength, work=self._work))
             self._projected += 1
         self._steps += 1
-        self._grad.assign()
-        self.optimizer.step()
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

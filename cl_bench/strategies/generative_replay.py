@@ -52,6 +52,7 @@ def count_parameters(*modules: Optional[nn.Module]) -> int:
 
 
 class GenerativeReplay(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(
@@ -146,8 +147,8 @@ class GenerativeReplay(Strategy):
         else:
             loss = self.mixed_loss(self.model(batch.x), batch.y, None, None, batch.task)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -65,6 +65,7 @@ COSH_CLAMP = 50.0
 
 
 class HAT(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("task_il",)
 
     def __init__(self, s_max: float = 400.0, c: float = 0.75) -> None:
@@ -141,13 +142,13 @@ class HAT(Strategy):
         den = sum((1 - u).sum() for u in self.used)
         loss = loss + self.c * num / den.clamp_min(1e-8)  # all units used: num is 0 too
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)  # the compensation below only multiplies gradients: fine while scaled
         with torch.no_grad():
             for emb in self.model.task_embeddings:
                 e = emb.weight[self.task]
                 num = torch.cosh((s * e).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1
                 emb.weight.grad[self.task] *= self.s_max / s * num / (torch.cosh(e) + 1)
-        self.guard.step(self.optimizer)
+        self.guard.step(self.optimizer, self.optimizer_step)
         with torch.no_grad():
             for emb in self.model.task_embeddings:
                 emb.weight.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)

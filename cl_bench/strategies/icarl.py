@@ -50,6 +50,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class ICaRL(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(self, memory_size: int = 200, selection: str = "herding", loss_reduction: str = "mean") -> None:
@@ -90,8 +91,8 @@ class ICaRL(ReplayStrategy):
         per_output = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         loss = per_output.mean() if self.loss_reduction == "mean" else per_output.sum(1).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -95,6 +95,7 @@ def per_sample_grads(
 
 class QuadraticPenaltyStrategy(Strategy):
     """Base of the importance-weighted quadratic penalty methods (see the module docstring)."""
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
 
     # True when the estimator needs the per-step gradients and parameter changes.
     tracks_trajectory = False
@@ -249,16 +250,17 @@ class QuadraticPenaltyStrategy(Strategy):
     def train_step(self, batch: Batch) -> dict:
         loss = self.task_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
+        finite = self.unscale()  # fp16: the penalty gradient and the path integral need true gradients
         if self.tracks_trajectory:
             grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
             before = self.snapshot()
         proximal = self.proximal and self.terms and self.strength != 0
         penalty = self._add_penalty_gradient(add=not proximal)
-        self.optimizer.step()
-        if proximal:
+        self.optimizer_step()
+        if proximal and finite:
             self._proximal_step()
-        if self.tracks_trajectory:
+        if self.tracks_trajectory and finite:
             with torch.no_grad():
                 self.observe(grads, torch._foreach_sub([p.detach() for p in self.params], before))
         return {"loss": loss.detach() + penalty, "penalty": penalty}

@@ -13,5 +13,6 @@ from cl_bench.strategies.base import Strategy
 
 
 class Joint(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     def training_data(self, task: Task) -> Split:
         return Split.cat([t.train for t in self.stream.tasks[: task.id + 1]])

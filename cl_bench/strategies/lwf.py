@@ -62,6 +62,7 @@ CLASS_IL_TARGETS = ("padded", "old")
 
 
 class LwF(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     def __init__(
         self,
         alpha: float = 1.0,
@@ -123,8 +124,8 @@ class LwF(Strategy):
         old_weight = (1.0 - self.new_weight) if self.weighting == "task_ratio" else 1.0
         total = self.new_weight * new_loss + old_weight * self.alpha * distill
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.backward(total)
+        self.optimizer_step()
         return {"loss": total.detach(), "distill": distill.detach()}
 
     def _freeze_copy(self) -> torch.nn.Module:

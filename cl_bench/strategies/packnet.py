@@ -41,6 +41,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class PackNet(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("task_il",)
 
     def __init__(self, prune_ratio: Optional[float] = 0.5, retrain_epochs: int = 2, task_batchnorm: bool = True) -> None:
@@ -95,8 +96,8 @@ class PackNet(Strategy):
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         loss = self.loss(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.guard.step(self.optimizer)
+        self.backward(loss)
+        self.guard.step(self.optimizer, self.optimizer_step)
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -37,6 +37,7 @@ from cl_bench.strategies.base import Strategy
 
 
 class Piggyback(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("task_il",)
 
     def __init__(self, mask_init: float = 1e-2, threshold: float = 5e-3, mask_lr: float = 1e-3,
@@ -102,11 +103,9 @@ class Piggyback(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         if self.mask_optimizer is not None:
             self.mask_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.mask_optimizer.step()
-        else:
-            loss.backward()
-        self.guard.step(self.optimizer)
+        self.backward(loss)
+        optimizers = (self.optimizer,) if self.mask_optimizer is None else (self.mask_optimizer, self.optimizer)
+        self.guard.step(self.optimizer, lambda: self.optimizer_step(*optimizers))
         return {"loss": loss.detach()}
 
     def after_task(self, task: Task) -> None:

@@ -27,6 +27,7 @@ from cl_bench.models.masked import size_summary
 
 
 class PNN(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     changes_model_shape = True
     scenarios = ("task_il",)
     lateral = True
@@ -54,8 +55,8 @@ class PNN(Strategy):
     def train_step(self, batch) -> dict:
         loss = self.loss(self.model(batch.x, self.current), batch.y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach()}
 
     def predict(self, x: torch.Tensor, task_id: Optional[int] = None) -> torch.Tensor:

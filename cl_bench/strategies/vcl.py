@@ -41,6 +41,7 @@ from cl_bench.strategies.importance import check_positive
 
 
 class VCL(Strategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     def __init__(
         self,
         train_samples: int = 10,
@@ -131,8 +132,8 @@ class VCL(Strategy):
     def train_step(self, batch: Batch) -> dict:
         loss, nll, kl = self.elbo_loss(self.model, batch.x, batch.y, len(self.train_split))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         return {"loss": loss.detach(), "nll": nll.detach(), "kl": kl.detach()}
 
     def after_task(self, task: Task) -> None:
