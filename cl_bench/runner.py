@@ -566,7 +566,10 @@ class Runner:
         precision = str(self.cfg.train.precision)
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            return torch.autocast(device_type=self.device.type, dtype=dtype)
+            # cache_enabled=False: a whole task runs inside this one context, and autocast's cache
+            # of low-precision weight copies would serve the first step's weights to every later
+            # forward pass of the task (the optimizer updates the float32 weights in place)
+            return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
         return nullcontext()
 
     def _train_epochs(self, task, data, bar, progress_bar, first_epoch, first_batch, order, steps, loss_sum,

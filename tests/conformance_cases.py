@@ -47,6 +47,9 @@ FAMILY = {
     "icarl": REPLAY,
     "eeil": REPLAY,
     "bic": REPLAY,
+    "gdumb": REPLAY,
+    "wa": REPLAY,
+    "lucir": REPLAY,
     "dgr": GENERATIVE,
     "mergan": GENERATIVE,
     "dgm_w": GENERATIVE_MASKED,
@@ -90,6 +93,15 @@ PROTECTION_OFF: dict[str, Union[tuple[str, ...], NO_SWITCH]] = {
     "icarl": "needs memory_size > 0 (nearest-mean classifier) and trains with sigmoid BCE, not cross-entropy",
     "eeil": "needs memory_size > 0 and adds a balanced fine-tuning stage after each task",
     "bic": "needs memory_size > 0, holds part of each task out for the bias layer and corrects new-class logits",
+    "gdumb": "never trains on the stream: at each task end the network is re-initialised and trained from scratch "
+    "on the greedy class-balanced memory alone, so no setting makes it finetune; tests/test_gdumb.py checks that the "
+    "stream's steps change nothing and that the final network is a function of the memory alone",
+    # class-IL: WA's cross-entropy covers the classes seen so far (its head grows per task in the paper and
+    # in PyCIL), i.e. finetune with train.active_classes=true; both runs get it (PROTECTION_OFF_SCENARIO)
+    "lucir": "replaces the linear head by a cosine head (and removes the last ReLU), so no setting is finetune's "
+    "linear model; with lambda_base=0 margin_weight=0 cbf=false memory_size=0 it equals finetune with the same cosine "
+    "head and imprinting bit for bit: tests/test_lucir.py::test_with_its_losses_off_lucir_is_finetune_with_a_cosine_head",
+    "wa": ("strategy.memory_size=0", "strategy.kd_lambda=0", "strategy.align=false", "strategy.clip_weights=false"),
     # replay off; no generator training either (with replay off it cannot matter, and DGM's
     # discriminator is the classifier, which the GAN loop would otherwise keep training)
     "dgr": ("strategy.replay_ratio=0", "strategy.generator_passes=0"),
@@ -107,7 +119,10 @@ PROTECTION_OFF: dict[str, Union[tuple[str, ...], NO_SWITCH]] = {
 }
 
 # overrides both sides of the protection-off comparison need in a scenario
-PROTECTION_OFF_SCENARIO = {("lwf", "class_il"): ("train.active_classes=true",)}
+PROTECTION_OFF_SCENARIO = {
+    ("lwf", "class_il"): ("train.active_classes=true",),
+    ("wa", "class_il"): ("train.active_classes=true",),
+}
 
 # ----- cost knobs (not protection knobs): what each strategy runs with here ---------------
 # Generators: 3 passes instead of 10 (on 20 training samples per task, 3 generator
@@ -120,6 +135,8 @@ COST: dict[str, tuple[str, ...]] = {
     "mergan": GENERATOR_BUDGET,
     "dgm_w": GENERATOR_BUDGET,
     "dgm_a": GENERATOR_BUDGET,
+    # GDumb's training on the memory at each task end: 4 passes instead of the authors' 128 for MNIST
+    "gdumb": ("strategy.epochs=4",),
 }
 
 # ----- protocol, backbones, optimizers, data ----------------------------------------------

@@ -242,3 +242,32 @@ def test_low_precision_gradients_match_float32(strategy, optimizer, backbone, pr
     assert ref.shape == low.shape and ref.norm() > 0
     error = ((low - ref).norm() / ref.norm()).item()
     assert error <= GRADIENT_TOLERANCE[backbone], error
+
+
+class CheckEveryStep(Runner):
+    """Each training step's loss against the loss of the current weights recomputed in a
+    fresh autocast context just before the step."""
+
+    def build(self) -> None:
+        super().build()
+        s, step, self.checked = self.strategy, self.strategy.train_step, []
+        dtype = AUTOCAST[str(self.cfg.train.precision)]
+
+        def checking_step(batch):
+            with torch.autocast("cpu", dtype=dtype, cache_enabled=False), torch.no_grad():
+                expected = s.loss(s.model(batch.x), batch.y)
+            out = step(batch)
+            self.checked.append(torch.equal(out["loss"], expected))
+            return out
+
+        s.train_step = checking_step
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_every_step_of_a_task_sees_the_weights_the_previous_step_left(precision, tmp_path):
+    """A task runs inside one autocast context; autocast's cache of low-precision weight copies
+    would hand every forward pass of the task the weights of its first step."""
+    runner = CheckEveryStep(compose_cfg(*strategy_overrides("finetune"), f"train.precision={precision}",
+                                        "checkpoint=false"), tmp_path / "run")
+    runner.run()
+    assert len(runner.checked) > 2 and all(runner.checked), runner.checked

@@ -252,6 +252,17 @@ class Strategy:
         pass
 
     # ----- gradient steps (float16 loss scaling) -------------------------------------
+    def autocast(self):
+        """The run's autocast (train.precision bf16/fp16) for training a strategy does in its own
+        loop outside the runner's steps (e.g. GDumb's training on its memory); else nothing."""
+        from contextlib import nullcontext
+
+        precision = str(getattr(self.train_cfg, "precision", "32"))
+        if precision not in ("bf16", "fp16"):
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)  # see Runner._autocast
+
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` times the loss scale under train.precision=fp16, else `loss`: for gradients
         taken with torch.autograd.grad (unscale them with `unscale_tensors`)."""

@@ -113,6 +113,7 @@ def sgdr_lr(epoch: int, lr: float, min_lr: float) -> float:
 
 
 class GDumb(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il", "task_il", "domain_il")
 
     def __init__(
@@ -133,19 +134,19 @@ class GDumb(ReplayStrategy):
         task end; lr / min_lr: SGDR's range; batch_size, momentum, weight_decay, clip (gradient
         norm): the memory training; cutmix, cutmix_prob, cutmix_alpha: CutMix regularisation."""
         checks = (
-            ("epochs", epochs >= 1, "a positive integer"),
-            ("lr", lr > 0, "positive"),
-            ("min_lr", 0 <= min_lr <= lr, "in [0, strategy.lr]"),
-            ("batch_size", batch_size >= 1, "a positive integer"),
-            ("momentum", 0 <= momentum < 1, "in [0, 1)"),
-            ("weight_decay", weight_decay >= 0, "non-negative"),
-            ("clip", clip > 0, "positive"),
-            ("cutmix_prob", 0 <= cutmix_prob <= 1, "in [0, 1]"),
-            ("cutmix_alpha", cutmix_alpha > 0, "positive"),
+            ("epochs", epochs, epochs >= 1, "a positive integer"),
+            ("lr", lr, lr > 0, "positive"),
+            ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, strategy.lr]"),
+            ("batch_size", batch_size, batch_size >= 1, "a positive integer"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "non-negative"),
+            ("clip", clip, clip > 0, "positive"),
+            ("cutmix_prob", cutmix_prob, 0 <= cutmix_prob <= 1, "in [0, 1]"),
+            ("cutmix_alpha", cutmix_alpha, cutmix_alpha > 0, "positive"),
         )
-        for key, ok, what in checks:
+        for key, value, ok, what in checks:
             if not ok:
-                raise CLBenchError(f"strategy.{key} must be {what}, got {locals()[key]}")
+                raise CLBenchError(f"strategy.{key} must be {what}, got {value}")
         super().__init__(memory_size, "random", "class", need_memory=True)
         self.memory = GreedyBalancedMemory(memory_size)
         self.epochs, self.lr, self.min_lr, self.batch_size = epochs, lr, min_lr, batch_size
@@ -195,12 +196,15 @@ class GDumb(ReplayStrategy):
                     group["lr"] = sgdr_lr(epoch, self.lr, self.min_lr)
                 for idx in iterate_batches(len(data), self.batch_size, self.generator, self.device):
                     x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                    loss = self.memory_loss(x, data.y[idx])
+                    with self.autocast():  # this is all of GDumb's training: the run's precision
+                        loss = self.memory_loss(x, data.y[idx])
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
-                    optimizer.step()
+                    self.backward(loss)
+                    if self.unscale(optimizer):  # fp16: clip the true gradients
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+                    self.optimizer_step(optimizer)
                     advance()
+        optimizer.zero_grad(set_to_none=True)  # the stream's steps hold no gradient
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.inactive is not None:  # class-IL with train.active_classes

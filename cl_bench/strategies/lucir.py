@@ -45,7 +45,11 @@ Protocol of the paper (CIFAR-100): ResNet-32, B-first-half (50 classes first, th
 task: `dataset.first_task_classes`), SGD lr 0.1, momentum 0.9, weight decay 5e-4, 160 epochs,
 multistep milestones 80/120, gamma 0.1, batch 128 (`train.*`), 20 exemplars per class.
 
-class_il only.
+The cosine head and LUCIR's losses run in float32 also under train.precision=bf16/fp16 (cosines,
+the 0.5 margin between them and 1 - cos near 0 need more than 8 significant bits). With
+`classifier: cnn`, `memory_size: 0` is allowed (no replay); with `lambda_base: 0`,
+`margin_weight: 0`, `cbf: false` and no memory, LUCIR is finetune with the cosine head and
+imprinting, bit for bit (tests/test_lucir.py). class_il only.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def margin_ranking_loss(
 
 
 class LUCIR(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(
@@ -163,28 +168,34 @@ class LUCIR(ReplayStrategy):
         return self.training_data_with_memory(task)
 
     def lucir_loss(self, features: torch.Tensor, y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        cosines = self.model.head.cosine(features)
-        loss = F.cross_entropy(self.over_seen(sigma * cosines), y)
+        teacher_features = None
         if self.teacher is not None and self.lam > 0 and x is not None:
             with torch.no_grad():
                 teacher_features = self.teacher.features(x)
-            loss = loss + self.lam * less_forget_loss(features, teacher_features)
-        if self.margin_weight > 0 and self._has_old:
-            k = min(self.hard_negatives, len(self._new))
-            margin = margin_ranking_loss(cosines, y, self._old, self._new, k, self.margin)
-            loss = loss + self.margin_weight * margin
+        # the head and the losses in float32 also under train.precision=bf16: cosines, the
+        # 0.5 margin between them and 1 - cos near 0 need more than bfloat16's 8 bits
+        with torch.autocast(self.device.type, enabled=False):
+            features = features.float()
+            cosines = self.model.head.cosine(features)
+            loss = F.cross_entropy(self.over_seen(sigma * cosines), y)
+            if teacher_features is not None:
+                loss = loss + self.lam * less_forget_loss(features, teacher_features.float())
+            if self.margin_weight > 0 and self._has_old:
+                k = min(self.hard_negatives, len(self._new))
+                margin = margin_ranking_loss(cosines, y, self._old, self._new, k, self.margin)
+                loss = loss + self.margin_weight * margin
         return loss
 
     def train_step(self, batch: Batch) -> dict:
         head = self.model.head
         loss = self.lucir_loss(self.model.features(batch.x), batch.y, batch.x, head.sigma)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         if self._fixed is not None:
             index, weights = self._fixed
             if head.weight.grad is not None:
-                head.weight.grad[index] = 0
-        self.optimizer.step()
+                head.weight.grad[index] = 0  # zero under any loss scale
+        self.optimizer_step()
         if self._fixed is not None:
             with torch.no_grad():
                 head.weight[index] = weights
@@ -215,8 +226,8 @@ class LUCIR(ReplayStrategy):
                         features = self.model.features(x)
                     loss = self.lucir_loss(features, data.y[idx], None, sigma)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    self.backward(loss)
+                    self.optimizer_step(optimizer)
                     advance()  # batches
         self.model.train()
 

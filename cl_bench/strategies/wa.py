@@ -53,6 +53,7 @@ from cl_bench.strategies.distillation import kd_loss
 
 
 class WA(ReplayStrategy):
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
     scenarios = ("class_il",)
 
     def __init__(
@@ -106,8 +107,8 @@ class WA(ReplayStrategy):
             distill = kd_loss(logits, old_logits, self.temperature, self._old, t_squared=False)
             loss = (1 - self._lambda) * loss + self._lambda * distill
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         if self.clip_weights:
             with torch.no_grad():
                 self.model.head.weight.clamp_(min=0)
