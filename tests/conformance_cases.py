@@ -50,6 +50,7 @@ FAMILY = {
     "gdumb": REPLAY,
     "wa": REPLAY,
     "lucir": REPLAY,
+    "xder": REPLAY,
     "dgr": GENERATIVE,
     "mergan": GENERATIVE,
     "dgm_w": GENERATIVE_MASKED,
@@ -101,6 +102,10 @@ PROTECTION_OFF: dict[str, Union[tuple[str, ...], NO_SWITCH]] = {
     "lucir": "replaces the linear head by a cosine head (and removes the last ReLU), so no setting is finetune's "
     "linear model; with lambda_base=0 margin_weight=0 cbf=false memory_size=0 it equals finetune with the same cosine "
     "head and imprinting bit for bit: tests/test_lucir.py::test_with_its_losses_off_lucir_is_finetune_with_a_cosine_head",
+    "xder": "the present-head cross-entropy (authors' code) covers only the current task's outputs, so no "
+    "setting equals class-IL finetune, whose CE covers every output; with strategy.memory_size=0 lambd=0 eta=0 "
+    "its training is task-IL finetune's in both scenarios, bit for bit "
+    "(tests/test_xder.py::test_terms_off_is_finetune_task_il_bit_for_bit)",
     "wa": ("strategy.memory_size=0", "strategy.kd_lambda=0", "strategy.align=false", "strategy.clip_weights=false"),
     # replay off; no generator training either (with replay off it cannot matter, and DGM's
     # discriminator is the classifier, which the GAN loop would otherwise keep training)
