@@ -51,6 +51,7 @@ FAMILY = {
     "wa": REPLAY,
     "lucir": REPLAY,
     "xder": REPLAY,
+    "podnet": REPLAY,
     "dgr": GENERATIVE,
     "mergan": GENERATIVE,
     "dgm_w": GENERATIVE_MASKED,
@@ -106,6 +107,8 @@ PROTECTION_OFF: dict[str, Union[tuple[str, ...], NO_SWITCH]] = {
     "setting equals class-IL finetune, whose CE covers every output; with strategy.memory_size=0 lambd=0 eta=0 "
     "its training is task-IL finetune's in both scenarios, bit for bit "
     "(tests/test_xder.py::test_terms_off_is_finetune_task_il_bit_for_bit)",
+    "podnet": "needs memory_size > 0, replaces the head by a 10-proxy cosine classifier (LSC) trained with NCA, not "
+    "cross-entropy; tests/test_podnet.py::test_one_task_equals_plain_nca_training_of_the_lsc covers the reduction",
     "wa": ("strategy.memory_size=0", "strategy.kd_lambda=0", "strategy.align=false", "strategy.clip_weights=false"),
     # replay off; no generator training either (with replay off it cannot matter, and DGM's
     # discriminator is the classifier, which the GAN loop would otherwise keep training)

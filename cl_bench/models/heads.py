@@ -10,8 +10,10 @@ and L2-normalised class weights,
   Eq. 4), with a learnable scale sigma (the authors' `CosineLinear`, sigma initialised at 1);
 - `proxies` = K > 1: PODNet's local similarity classifier (Douillard et al., ECCV 2020,
   Eq. 5): each class has K proxies, and the class similarity is the softmax-weighted
-  average of its proxies' similarities, s_c = sum_k softmax_k(gamma * s_ck) * s_ck
-  (gamma = 1 in the authors' code).
+  average of its proxies' similarities, s_c = sum_k softmax_k(gamma * s_ck) * s_ck.
+  The authors' code takes gamma = 1 on s_ck = -|f/|f| - w/|w||^2 = 2 cos_ck - 2, i.e.
+  softmax_k(2 cos_ck): PODNet (`strategies/podnet.py`) builds this head with gamma = 2
+  and uses 2 * cosine(f) - 2.
 
 `scale=None` keeps the scale learnable (initialised at `init_scale`); a number fixes it.
 `weight` holds K consecutive rows per class, class c's proxies at rows c*K .. c*K+K-1.
