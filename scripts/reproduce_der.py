@@ -7,7 +7,7 @@ in natural order, MLP 784-100-100-10 (`backbone=mlp`, hidden 100-100; 64-100-100
 8x8 Split Digits), plain SGD (no momentum, no weight decay), batch 10, 1 epoch per task,
 buffers of 200 and 500. Each method runs with the paper's best hyperparameters for
 Seq-MNIST and that buffer (the authors' `utils/best_args.py`, 'seq-mnist': learning
-rate, replay minibatch size, alpha/beta, GEM's margin gamma, iCaRL without weight decay).
+rate, replay batch size, alpha/beta, GEM's margin gamma, iCaRL without weight decay).
 As in the paper, one class-IL training run gives both numbers: class-IL accuracy and the
 task-IL accuracy of the same model with the outputs masked to each task's classes
 (`metrics_task_aware`). The methods published after the paper (X-DER, ER-ACE, GDumb) have
@@ -59,7 +59,7 @@ SMNIST = [
 ]
 
 # The authors' best arguments for 'seq-mnist' (aimagelab/mammoth, utils/best_args.py), as
-# clbench overrides, per buffer size. `minibatch_size` is the number of memory samples
+# clbench overrides, per buffer size. `replay_batch_size` is the number of memory samples
 # replayed per step.
 SMNIST_METHODS: dict[str, dict[int, list[str]]] = {
     "finetune": {0: ["train.lr=0.03"]},
@@ -69,10 +69,10 @@ SMNIST_METHODS: dict[str, dict[int, list[str]]] = {
             500: ["train.lr=0.03", "strategy.memory_strength=0.5"]},
     "agem": {200: ["train.lr=0.1", "strategy.sample_size=128"], 500: ["train.lr=0.1", "strategy.sample_size=128"]},
     "icarl": {200: ["train.lr=0.1"], 500: ["train.lr=0.1"]},
-    "der": {200: ["train.lr=0.03", "strategy.alpha=0.2", "strategy.minibatch_size=10"],
-            500: ["train.lr=0.03", "strategy.alpha=1.0", "strategy.minibatch_size=128"]},
-    "derpp": {200: ["train.lr=0.03", "strategy.alpha=0.2", "strategy.beta=1.0", "strategy.minibatch_size=128"],
-              500: ["train.lr=0.03", "strategy.alpha=1.0", "strategy.beta=0.5", "strategy.minibatch_size=10"]},
+    "der": {200: ["train.lr=0.03", "strategy.alpha=0.2", "strategy.replay_batch_size=10"],
+            500: ["train.lr=0.03", "strategy.alpha=1.0", "strategy.replay_batch_size=128"]},
+    "derpp": {200: ["train.lr=0.03", "strategy.alpha=0.2", "strategy.beta=1.0", "strategy.replay_batch_size=128"],
+              500: ["train.lr=0.03", "strategy.alpha=1.0", "strategy.beta=0.5", "strategy.replay_batch_size=10"]},
     # not in the paper's Seq-MNIST table: ER's learning rate for the buffer, shipped defaults otherwise
     "xder": {200: ["train.lr=0.01"], 500: ["train.lr=0.1"]},
     "er_ace": {200: ["train.lr=0.01"], 500: ["train.lr=0.1"]},

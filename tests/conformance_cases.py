@@ -47,6 +47,9 @@ FAMILY = {
     "icarl": REPLAY,
     "eeil": REPLAY,
     "bic": REPLAY,
+    "der": REPLAY,
+    "derpp": REPLAY,
+    "er_ace": REPLAY,
     "gdumb": REPLAY,
     "wa": REPLAY,
     "lucir": REPLAY,
@@ -95,6 +98,12 @@ PROTECTION_OFF: dict[str, Union[tuple[str, ...], NO_SWITCH]] = {
     "icarl": "needs memory_size > 0 (nearest-mean classifier) and trains with sigmoid BCE, not cross-entropy",
     "eeil": "needs memory_size > 0 and adds a balanced fine-tuning stage after each task",
     "bic": "needs memory_size > 0, holds part of each task out for the bias layer and corrects new-class logits",
+    # alpha=0 rather than memory_size=0: the memory still fills with samples and logits, so this also shows
+    # that filling it never perturbs training (memory_size=0 = finetune is in tests/test_der.py)
+    "der": ("strategy.alpha=0",),
+    "derpp": ("strategy.alpha=0", "strategy.beta=0"),
+    "er_ace": "the asymmetric loss masks the seen classes absent from the incoming batch even without a memory; "
+    "tests/test_er_ace.py checks that mask's exactly-zero gradients and that replay reaches the old classes",
     "gdumb": "never trains on the stream: at each task end the network is re-initialised and trained from scratch "
     "on the greedy class-balanced memory alone, so no setting makes it finetune; tests/test_gdumb.py checks that the "
     "stream's steps change nothing and that the final network is a function of the memory alone",

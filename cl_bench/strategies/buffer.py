@@ -132,10 +132,14 @@ class MemoryBuffer:
         return pick.to(self.y.device)
 
     # ----- filling -------------------------------------------------------------------
-    def add_reservoir(self, x: torch.Tensor, y: torch.Tensor, task_id: int, generator: torch.Generator) -> None:
-        """Offer a batch to the reservoir (Algorithm R, vectorised over the batch)."""
+    def add_reservoir(
+        self, x: torch.Tensor, y: torch.Tensor, task_id: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offer a batch to the reservoir (Algorithm R, vectorised over the batch); returns the
+        slots written and the batch rows they got (DER keeps those rows' logits alongside)."""
         if self.capacity == 0 or len(y) == 0:
-            return
+            empty = torch.empty(0, dtype=torch.long, device=y.device)
+            return empty, empty
         self._reserve(x, self.seen + len(y))
         n = self.seen + torch.arange(len(y), dtype=torch.float64)
         draws = (torch.rand(len(y), generator=generator, dtype=torch.float64) * (n + 1)).floor().long()
@@ -151,6 +155,7 @@ class MemoryBuffer:
         self.task[slots], self.rank[slots] = task_id, 0
         self.seen += len(y)
         self.size = min(self.capacity, self.seen)
+        return slots, source
 
     def update(
         self,

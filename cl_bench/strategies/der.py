@@ -24,9 +24,10 @@ from a replay batch), unlike ER here, which forwards the union once.
 The authors' code offers every incoming batch to the reservoir, in every epoch; so does
 this one (with several epochs a later pass's sample can replace an earlier one, logits
 and all; a slot's logits change only when its sample is replaced). CE terms use the
-scenario's masking (`Strategy.loss`: task-IL restricts each sample to its task's
-outputs, the shared-head equivalent of the task's head that the paper's Task-IL numbers
-evaluate with). `alpha=0` (and `beta=0`) drop their term with its forward pass, so DER
+scenario's masking (`Strategy.loss`, as ER here: in task-IL each sample's loss and
+prediction cover its task's outputs, the shared-head form of a head per task). The paper
+reports Task-IL differently: the class-IL-trained model evaluated with each task's outputs
+masked, which is class-IL's task-aware accuracy here (`metrics_task_aware`). `alpha=0` (and `beta=0`) drop their term with its forward pass, so DER
 with alpha=0, DER++ with alpha=beta=0 and memory_size=0 are finetune bit for bit (the
 memory's generator never draws from the global RNG); DER++ with alpha=0 is replay of
 labels through a separate forward.
@@ -68,28 +69,20 @@ class LogitMemory(MemoryBuffer):
         super().__init__(capacity, "none", "reservoir")
         self.logits: Optional[torch.Tensor] = None
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, task_id: int, generator: torch.Generator) -> None:
-        if self.capacity == 0 or len(y) == 0:
-            return
-        self._reserve(x, self.seen + len(y))
+    def add(
+        self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, task_id: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offer a batch with its logits; returns (slots written, the batch rows they got)."""
+        slot, row = self.add_reservoir(x, y, task_id, generator)
+        if not len(slot) and self.x is None:
+            return slot, row
         if self.logits is None or len(self.logits) < len(self.x):
             grown = logits.new_zeros((len(self.x), logits.shape[1]), dtype=torch.float32)
             if self.logits is not None:
                 grown[: len(self.logits)] = self.logits
             self.logits = grown
-        position = self.seen + torch.arange(len(y), dtype=torch.float64)  # the sample's 0-based stream index n
-        u = torch.rand(len(y), generator=generator, dtype=torch.float64)
-        slot = torch.where(position < self.capacity, position.long(), (u * (position + 1)).floor().long())
-        row = torch.arange(len(y))
-        row, slot = row[slot < self.capacity], slot[slot < self.capacity]
-        # the last row of the batch that lands in a slot is the one the slot keeps
-        owner = torch.full((len(self.x),), -1, dtype=torch.long).scatter_reduce(0, slot, row, "amax")
-        keep = owner[slot] == row
-        slot, row = slot[keep].to(self.y.device), row[keep].to(self.y.device)
-        self.x[slot], self.y[slot], self.task[slot], self.rank[slot] = x[row], y[row], task_id, 0
         self.logits[slot] = logits[row].detach().float()
-        self.seen += len(y)
-        self.size = min(self.capacity, self.seen)
+        return slot, row
 
     @property
     def nbytes(self) -> int:
@@ -113,6 +106,7 @@ class LogitMemory(MemoryBuffer):
 
 class DER(ReplayStrategy):
     scenarios = ("class_il", "task_il", "domain_il")
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
 
     def __init__(self, memory_size: int = 200, alpha: float = 0.2, replay_batch_size: Optional[int] = None) -> None:
         """memory_size: reservoir slots (samples + logits); alpha: weight of the logit
@@ -140,8 +134,8 @@ class DER(ReplayStrategy):
             if replayed is not None:
                 loss = loss + replayed
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         self.memory.add(batch.raw, batch.y, logits.detach(), batch.task.id, self.generator)
         return {"loss": loss.detach()}
 

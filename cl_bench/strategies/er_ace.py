@@ -28,9 +28,9 @@ batch has `replay_batch_size` samples (their `buffer_batch_size`/`minibatch_size
 the incoming batch size), drawn uniformly without replacement and augmented like fresh
 data, and goes through the network separately from the incoming batch (batch norm: its
 own batch statistics, a second running-statistics update per step). Task-IL: both losses
-also keep the scenario's masking (`Strategy.loss`: each sample's task outputs), the
-shared-head form of Mammoth's task-IL heads. Mammoth's optional cosine classifier is not
-used (clbench's heads are the backbone's).
+also keep the scenario's masking (`Strategy.loss`, as ER here: each sample's task
+outputs); Mammoth instead evaluates its class-IL-trained model with each task's outputs
+masked, which is class-IL's task-aware accuracy here (`metrics_task_aware`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from cl_bench.strategies.der import check_replay_batch_size
 
 class ERACE(ReplayStrategy):
     scenarios = ("class_il", "task_il")
+    supports_loss_scaling = True  # every training-step gradient goes through backward/optimizer_step
 
     def __init__(self, memory_size: int = 200, replay_batch_size: Optional[int] = None, task_free: bool = True) -> None:
         """memory_size: reservoir slots; replay_batch_size: samples per replay draw (null: the
@@ -79,8 +80,8 @@ class ERACE(ReplayStrategy):
             x, y = self.replay(self.replay_batch_size or len(batch.y))
             loss = loss + self.loss(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         self.memory.add_reservoir(batch.raw, batch.y, batch.task.id, self.generator)
         return {"loss": loss.detach()}
 
