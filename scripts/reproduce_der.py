@@ -16,7 +16,7 @@ shipped defaults otherwise.
 
 Protocol "bhalf" (the LUCIR/PODNet/WA protocol, scaled down): class-IL with half the
 classes in the first task (`dataset.first_task_classes=5`) then one class per task
-(6 tasks), conv backbone (`backbone=cnn`), SGD momentum 0.9, weight decay 5e-4, lr 0.05,
+(6 tasks), conv backbone (`backbone=cnn`), SGD momentum 0.9, weight decay 5e-4, lr 0.01,
 batch 32, 5 epochs per task, memory 200 (20 per class at the end), every method with its
 shipped defaults.
 
@@ -39,6 +39,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 import cl_bench.config  # noqa: F401  (registers the schema)
+from cl_bench import CLBenchError
 
 try:
     from scripts.reproduce_progress import RunsProgress
@@ -101,7 +102,7 @@ BHALF = [
     "dataset.first_task_classes=5",
     "backbone=cnn",
     "train.optimizer=sgd",
-    "train.lr=0.05",
+    "train.lr=0.01",
     "train.momentum=0.9",
     "train.weight_decay=5e-4",
     "train.batch_size=32",
@@ -154,18 +155,24 @@ def main() -> None:
         methods = args.methods or BHALF_METHODS
         jobs = bhalf_jobs(["finetune"] + [m for m in methods if m != "finetune"])
     results: dict[tuple[str, int], list[dict]] = {(m, b): [] for m, b, _ in jobs}
+    failed: dict[tuple[str, int], list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp, RunsProgress(len(args.seeds) * len(jobs)) as runs:
         for seed in args.seeds:
             for method, buffer, overrides in jobs:
                 label = f"{method} · buffer {buffer} · seed {seed}"
-                summary = run_one([*overrides, f"seed={seed}", *args.overrides],
-                                  Path(tmp) / f"{method}_{buffer}_{seed}", runs, label)
+                try:
+                    summary = run_one([*overrides, f"seed={seed}", *args.overrides],
+                                      Path(tmp) / f"{method}_{buffer}_{seed}", runs, label)
+                except CLBenchError as exc:  # e.g. a diverged run: a row that says so, not a number
+                    print(f"{label}: FAILED: {exc}", flush=True)
+                    failed.setdefault((method, buffer), []).append(f"seed {seed}: {exc}")
+                    continue
                 results[(method, buffer)].append(summary)
                 aware = (summary.get("metrics_task_aware") or {}).get("acc", float("nan"))
                 print(f"{label}: class-IL {summary['metrics']['acc']:.4f} task-IL {aware:.4f} "
                       f"train {sum(summary['timing']['train_s']):.2f} s", flush=True)
-    base = [sum(s["timing"]["train_s"]) for s in results[("finetune", 0)]]
-    first = results[("finetune", 0)][0]
+    base = {s["config"]["seed"]: sum(s["timing"]["train_s"]) for s in results[("finetune", 0)]}
+    first = next(s for runs_ in results.values() for s in runs_)
     lines = [f"{first['dataset']}, protocol {args.protocol}, seeds {' '.join(map(str, args.seeds))} "
              "(mean ± std, %; time: median ratio of train time to finetune's on the same seed)", ""]
     if args.protocol == "smnist":
@@ -174,7 +181,11 @@ def main() -> None:
     else:
         lines += ["| method | memory | class-IL ACC | BWT | time vs finetune |", "|---|---|---|---|---|"]
     for (method, buffer), runs_ in results.items():
-        ratio = statistics.median(sum(s["timing"]["train_s"]) / b for s, b in zip(runs_, base))
+        if (method, buffer) in failed:
+            lines.append(f"| {method} | {buffer or '-'} | failed: {'; '.join(failed[(method, buffer)])} |")
+            continue
+        ratios = [sum(s["timing"]["train_s"]) / base[s["config"]["seed"]] for s in runs_ if s["config"]["seed"] in base]
+        ratio = statistics.median(ratios) if ratios else float("nan")
         acc = cell([s["metrics"]["acc"] for s in runs_])
         if args.protocol == "smnist":
             aware = cell([s["metrics_task_aware"]["acc"] for s in runs_])
