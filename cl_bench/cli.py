@@ -194,10 +194,22 @@ def launch(args: list[str]) -> list[dict]:
         LAST_SWEEP_DIRS[:] = SWEEP_DIRS or _sweep_dir_of(args)
         return list(SUMMARIES)
     finally:
+        _release_sweep_workers()
         sys.stderr, sys.argv = stderr, argv
         FAILURES.clear()
         SUMMARIES.clear()
         SWEEP_DIRS.clear()
+
+
+def _release_sweep_workers() -> None:
+    """After a sweep under the joblib launcher: stop its idle worker processes now. joblib's
+    loky executor is reusable and would otherwise be shut down at interpreter exit, waiting
+    for every worker to exit on its own (measured: ~1.8 s on a 2-worker sweep, after all
+    results were written). Every job has returned by now, its results written atomically."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None) if loky is not None else None
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
 
 
 # The sweep folder(s) of the last `launch` of a sweep, for the advice printed at its end.

@@ -237,3 +237,27 @@ def test_slurm_preset_exposes_cluster_keys():
     for line in ("partition: gpu", "gpus_per_node: 2", "array_parallelism: 8", "timeout_min: 120",
                  "mem_gb: 16", "max_num_timeout: 3", "SlurmLauncher"):
         assert line in proc.stdout, line
+
+
+def test_a_joblib_sweep_stops_its_workers_when_it_returns(tmp_path, monkeypatch):
+    """joblib's reusable loky executor would otherwise outlive the sweep and be shut down at
+    interpreter exit, waiting on each idle worker (seconds after every result is written)."""
+    import cl_bench.cli as cli
+    from cl_bench.cli import launch
+
+    seen = {}
+    original = cli._release_sweep_workers
+
+    def spy() -> None:
+        loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+        executor = getattr(loky, "_executor", None) if loky is not None else None
+        seen["workers"] = list(getattr(executor, "_processes", {}).values()) if executor is not None else []
+        original()
+
+    monkeypatch.setattr(cli, "_release_sweep_workers", spy)
+    summaries = launch(["-m", "experiment=smoke", "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
+    assert seen["workers"], "the sweep ran in joblib workers"
+    assert not any(p.is_alive() for p in seen["workers"])
+    del summaries
