@@ -668,6 +668,115 @@ def write_outputs(report: Report, out: Path, formats: Sequence[str]) -> list[Pat
 
 
 # ----- command -----------------------------------------------------------------------------
+# ----- against a paper's table ------------------------------------------------------------
+def _overrides(row: dict) -> dict:
+    """A paper row's `protocol_overrides` ("k=v k=v") as {key: parsed value}."""
+    import yaml
+
+    out = {}
+    for item in str(row["protocol_overrides"]).split():
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)  # flattened lists are stored as JSON text
+        except ValueError:
+            return value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _protocol_differences(record: RunRecord, row: dict) -> list[str]:
+    """`key: ours (paper theirs)` for each protocol key of the paper row the run does not match."""
+    diffs = []
+    for key, theirs in _overrides(row).items():
+        ours = record.keys.get(key)
+        if _normalise(ours) != _normalise(theirs):
+            diffs.append(f"{key} {'unset' if ours is None else ours} (paper {theirs})")
+    return diffs
+
+
+def _paper_metric(summary: dict, metric: str) -> Optional[float]:
+    if metric == "acc_task_aware":
+        source = summary.get("metrics_task_aware") or {}
+        return None if "acc" not in source else 100.0 * float(source["acc"])
+    source = summary.get("metrics") or {}
+    return None if metric not in source else 100.0 * float(source[metric])
+
+
+def against(records: list[RunRecord], name: str) -> list[dict]:
+    """The completed runs of `records` beside paper table `name` (cl_bench.paper_tables): one
+    row per group of runs (same strategy, scenario and values of the table's protocol keys)
+    and metric the table has for that method and scenario, with the paper row whose
+    protocol the runs match best; `differences` lists the protocol keys they do not match."""
+    from cl_bench import paper_tables
+
+    table = paper_tables.load(name)
+    rows_by = {}
+    for row in table:
+        rows_by.setdefault((row["method"], row["scenario"]), []).append(row)
+    keys = sorted({k for row in table for k in _overrides(row)})
+    groups: dict = {}
+    for record in records:
+        if record.status != "completed":
+            continue
+        strategy, scenario = record.keys.get("strategy"), record.keys.get("scenario")
+        signature = json.dumps([_normalise(record.keys.get(k)) for k in keys], default=str)
+        groups.setdefault((strategy, scenario, signature), []).append(record)
+    out = []
+    for (strategy, scenario, _), members in groups.items():
+        candidates = rows_by.get((strategy, scenario), [])
+        for metric in dict.fromkeys(row["metric"] for row in candidates):
+            options = [(len(_protocol_differences(members[0], row)), i, row)
+                       for i, row in enumerate(candidates) if row["metric"] == metric]
+            _, _, row = min(options)
+            values = [v for v in (_paper_metric(r.summary, metric) for r in members) if v is not None]
+            if not values:
+                continue
+            mean = float(np.mean(values))
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+            out.append({
+                "method": strategy, "scenario": scenario, "metric": metric, "n": len(values),
+                "ours": mean, "ours_std": std, "paper": row["value"], "paper_spread": row["spread"],
+                "difference": mean - row["value"], "differences": _protocol_differences(members[0], row),
+                "verified": row["verified"], "source": f"{row['paper']}, {row['table']}",
+            })
+    return out
+
+
+def print_against(rows: list[dict], name: str, console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cl_bench.results import print_line, print_table
+
+    if not rows:
+        print_line(console, f"no run in this folder has a row in paper table {name} (same strategy and scenario)")
+        return
+    sources = sorted({r["source"] for r in rows})
+    table = Table(title=f"against {name}: {'; '.join(sources)} (%)", title_justify="left")
+    for column in ("method", "scenario", "metric", "ours", "paper", "ours - paper", "protocol"):
+        table.add_column(column)
+    for r in rows:
+        ours = f"{r['ours']:.2f}" + ("" if math.isnan(r["ours_std"]) else f" ± {r['ours_std']:.2f}") + f" (n={r['n']})"
+        paper = f"{r['paper']:.2f}" + ("" if r["paper_spread"] is None else f" ({r['paper_spread']:.2f})")
+        protocol = "same" if not r["differences"] else "DIFFERS: " + "; ".join(r["differences"])
+        table.add_row(r["method"], r["scenario"], r["metric"], ours, paper + ("" if r["verified"] else " *"),
+                      f"{r['difference']:+.2f}", escape(protocol))
+    print_table(console, table)
+    if not all(r["verified"] for r in rows):
+        print_line(console, "* transcribed from the paper, not verified against it (the table's `verified` column)")
+
+
 def report_command(args: list[str]) -> int:
     import argparse
 
@@ -691,6 +800,9 @@ def report_command(args: list[str]) -> int:
                         "(default: PATH/report, PATH/report_task_aware for --view task_aware)")
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the plots (the same as leaving plots out of --format)")
+    parser.add_argument("--against", default="", metavar="TABLE",
+                        help="also print the runs beside a paper's published numbers (cl_bench/paper_tables/TABLE.csv: "
+                        "vandeven2019, buzzega2020), with the difference and the protocol keys that differ")
     from cl_bench.cli import quiet_parse
 
     ns = quiet_parse(parser, args)
@@ -701,12 +813,18 @@ def report_command(args: list[str]) -> int:
         raise CLBenchError(f"unknown --format {bad[0]!r}; choose from {', '.join(FORMATS)}")
     if ns.no_plots:
         formats = [f for f in formats if f != "plots"]
+    if ns.against:
+        from cl_bench import paper_tables
+
+        paper_tables.load(ns.against)  # an unknown table is refused before any work
     report = build_report(Path(ns.path), by=split(ns.by) or None, metrics=split(ns.metrics) or None, view=ns.view)
     out = Path(ns.out) if ns.out else Path(ns.path) / ("report" if ns.view == "scenario" else "report_task_aware")
     console = Console()
     if "console" in formats:
         print_console(report, console)
     written = write_outputs(report, out, formats)
+    if ns.against:
+        print_against(against(find_runs(Path(ns.path)), ns.against), ns.against, console)
     if written:
         from rich.markup import escape
 

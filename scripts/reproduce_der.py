@@ -80,19 +80,20 @@ SMNIST_METHODS: dict[str, dict[int, list[str]]] = {
     "gdumb": {200: [], 500: []},
 }
 
-# Buzzega et al. 2020, Table 2, Seq-MNIST (class-IL, task-IL), in %. Transcribed from the
-# paper as read by the authors of this script; not checked against the PDF on this machine
-# (no internet here), hence `verified = False` in the printed table.
-PAPER_SMNIST = {
-    ("joint", 0): (95.57, 99.51),
-    ("finetune", 0): (19.60, 94.46),
-    ("er", 200): (80.43, 97.86), ("er", 500): (86.12, 99.04),
-    ("gem", 200): (80.11, 97.78), ("gem", 500): (85.99, 98.71),
-    ("agem", 200): (45.72, 98.61), ("agem", 500): (46.66, 98.93),
-    ("icarl", 200): (70.51, 98.28), ("icarl", 500): (70.10, 98.32),
-    ("der", 200): (84.55, 98.80), ("der", 500): (90.54, 98.84),
-    ("derpp", 200): (85.61, 98.76), ("derpp", 500): (91.00, 98.94),
-}
+# Buzzega et al. 2020, Table 2, Seq-MNIST (class-IL, task-IL), in %: the data file
+# cl_bench/paper_tables/buzzega2020.csv (also `clbench report PATH --against buzzega2020`).
+def _paper_smnist() -> dict[tuple[str, int], tuple[float, float]]:
+    from cl_bench import paper_tables
+    from cl_bench.report import _overrides
+
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for row in paper_tables.load("buzzega2020"):
+        buffer = int(_overrides(row).get("strategy.memory_size", 0))
+        cells.setdefault((row["method"], buffer), {})[row["metric"]] = row["value"]
+    return {key: (c["acc"], c["acc_task_aware"]) for key, c in cells.items()}
+
+
+PAPER_SMNIST = _paper_smnist()
 # The paper's ordering on Seq-MNIST class-IL that this reproduction checks.
 PAPER_ORDER = "DER++ >= DER > ER ~ GEM > iCaRL > A-GEM (class-IL, both buffers)"
 
@@ -195,7 +196,8 @@ def main() -> None:
             bwt = cell([s["metrics"]["bwt"] for s in runs_])
             lines.append(f"| {method} | {buffer or '-'} | {acc} | {bwt} | {ratio:.1f}x |")
     if args.protocol == "smnist":
-        lines += ["", f"Paper's ordering: {PAPER_ORDER}. Paper numbers: transcribed, verified = False."]
+        lines += ["", f"Paper's ordering: {PAPER_ORDER}. Paper numbers: cl_bench/paper_tables/buzzega2020.csv "
+                  "(transcribed, not verified against the paper)."]
     table = "\n".join(lines)
     print()
     print(table)

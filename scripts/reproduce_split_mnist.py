@@ -70,21 +70,22 @@ except ImportError:  # run as python scripts/reproduce_split_mnist.py: this fold
 
 SCENARIOS = {"task_il": "Task-IL", "domain_il": "Domain-IL", "class_il": "Class-IL"}
 # van de Ven & Tolias (2019), arXiv:1904.07734, Table 4 (split MNIST): mean (SEM) over 20 seeds,
-# transcribed from the paper. Only the LwF Class-IL cell could be cross-checked against an
-# independent source here (ContinualAI's continual-learning-baselines cites ACC 0.23 for it);
-# check the others against the PDF before quoting them.
-PAPER = {
-    "finetune": ("None - lower bound", (87.19, 0.94), (59.21, 2.04), (19.90, 0.02)),
-    "joint": ("Offline - upper bound", (99.66, 0.02), (98.42, 0.06), (97.94, 0.03)),
-    "ewc": ("EWC", (98.64, 0.22), (63.95, 1.90), (20.01, 0.06)),
-    "online_ewc": ("Online EWC", (99.12, 0.11), (64.32, 1.90), (19.96, 0.07)),
-    "si": ("SI", (99.09, 0.15), (65.36, 1.57), (19.99, 0.06)),
-    "lwf": ("LwF", (99.57, 0.02), (71.50, 1.63), (23.85, 0.44)),
-    "mas": ("MAS", None, None, None),
-    "rwalk": ("RWalk", None, None, None),
-    "vcl": ("VCL", None, None, None),
-    "ags_cl": ("AGS-CL", None, None, None),
-}
+# from the data file cl_bench/paper_tables/vandeven2019.csv (transcribed; see its header), also
+# used by `clbench report PATH --against vandeven2019`. Methods the paper does not have: None.
+PAPER_LABELS = {"finetune": "None - lower bound", "joint": "Offline - upper bound", "ewc": "EWC",
+                "online_ewc": "Online EWC", "si": "SI", "lwf": "LwF", "mas": "MAS", "rwalk": "RWalk",
+                "vcl": "VCL", "ags_cl": "AGS-CL"}
+
+
+def _paper() -> dict:
+    from cl_bench import paper_tables
+
+    cells = {(r["method"], r["scenario"]): (r["value"], r["spread"]) for r in paper_tables.load("vandeven2019")}
+    return {m: (label, *(cells.get((m, sc)) for sc in ("task_il", "domain_il", "class_il")))
+            for m, label in PAPER_LABELS.items()}
+
+
+PAPER = _paper()
 # The authors' grid-searched strengths for split MNIST in the code of this paper's time
 # (GMvandeVen/continual-learning, param_values.py as of Dec 2019, commit 9945f84; the repository's
 # current values belong to their 2022 follow-up and a changed Fisher estimate).

@@ -76,6 +76,8 @@ FAST_TIER = (
     "tests/test_lucir.py::test_margin_loss_ranks_the_ground_truth_against_the_top_k_new_classes",
     "tests/test_lucir.py::test_old_class_weights_are_unchanged_by_later_tasks",
     "tests/test_lucir.py::test_bad_hyperparameters_are_refused_naming_the_key",
+    "tests/test_paper_tables.py::test_every_table_is_well_formed",
+    "tests/test_paper_tables.py::test_an_unknown_table_is_refused_in_one_line",
 )
 
 
