@@ -64,7 +64,7 @@ from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_check
     parse_checkpoint_every,
     restore_task_state,
 )
-from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy
+from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy, precision_autocast
 
 CHECKPOINT = "checkpoint.pt"
 # 2: "mid" (a mid-task snapshot or None) and progress["elapsed_s"].
@@ -559,18 +559,8 @@ class Runner:
         return log
 
     def _autocast(self):
-        """torch.autocast with bfloat16 for train.precision=bf16 (training steps and
-        evaluation), else nothing."""
-        from contextlib import nullcontext
-
-        precision = str(self.cfg.train.precision)
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            # cache_enabled=False: a whole task runs inside this one context, and autocast's cache
-            # of low-precision weight copies would serve the first step's weights to every later
-            # forward pass of the task (the optimizer updates the float32 weights in place)
-            return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
-        return nullcontext()
+        """torch.autocast for train.precision=bf16/fp16 (training steps and evaluation), else nothing."""
+        return precision_autocast(str(self.cfg.train.precision), self.device.type)
 
     def _train_epochs(self, task, data, bar, progress_bar, first_epoch, first_batch, order, steps, loss_sum,
                       epoch_loss):

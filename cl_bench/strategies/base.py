@@ -135,6 +135,19 @@ class LossScaler:
         self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
 
 
+def precision_autocast(precision: str, device_type: str):
+    """torch.autocast for train.precision bf16/fp16, else a context that does nothing.
+    cache_enabled=False: the runner keeps one context around a whole task, and autocast's
+    cache of low-precision weight copies would serve the first step's weights to every later
+    forward pass (the optimizer updates the float32 weights in place)."""
+    from contextlib import nullcontext
+
+    if precision not in ("bf16", "fp16"):
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False)
+
+
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -255,13 +268,7 @@ class Strategy:
     def autocast(self):
         """The run's autocast (train.precision bf16/fp16) for training a strategy does in its own
         loop outside the runner's steps (e.g. GDumb's training on its memory); else nothing."""
-        from contextlib import nullcontext
-
-        precision = str(getattr(self.train_cfg, "precision", "32"))
-        if precision not in ("bf16", "fp16"):
-            return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)  # see Runner._autocast
+        return precision_autocast(str(getattr(self.train_cfg, "precision", "32")), self.device.type)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` times the loss scale under train.precision=fp16, else `loss`: for gradients

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from cl_bench import CLBenchError
-from cl_bench.data.stream import Split, Task
+from cl_bench.data.stream import Split, Task, iterate_batches
 from cl_bench.strategies.base import PhaseProgress, Strategy
 
 BALANCES = ("none", "class", "task")
@@ -302,6 +302,21 @@ class ReplayStrategy(Strategy):
         index = self.memory.sample(n, self.generator) if index is None else index
         raw = self.memory.x[index]
         return self.stream.transform(raw, train=True, generator=self.generator), self.memory.y[index]
+
+    def passes(self, data: Split, epochs: int, batch_size: int, description: str,
+               on_epoch: Optional[Callable[[int], None]] = None):
+        """(x, y) batches of `epochs` shuffled passes over `data` (the strategy's generator),
+        augmented like fresh data, shown on the progress display as `description` in
+        batches: the loop of the task-end training phases (EEIL's and PODNet's balanced
+        fine-tuning, LUCIR's CBF, GDumb's training on its memory). `on_epoch(epoch)` runs
+        before each pass (e.g. an lr schedule)."""
+        with self.progress(description, total=epochs * -(-len(data) // batch_size)) as advance:
+            for epoch in range(epochs):
+                if on_epoch is not None:
+                    on_epoch(epoch)
+                for idx in iterate_batches(len(data), batch_size, self.generator, self.device):
+                    yield self.stream.transform(data.x[idx], train=True, generator=self.generator), data.y[idx]
+                    advance()  # batches
 
     def training_data_with_memory(self, task: Task) -> Split:
         """The task's training samples joined with the stored exemplars (iCaRL, EEIL, BiC)."""

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
-from cl_bench.data.stream import Split, Task, iterate_batches
+from cl_bench.data.stream import Split, Task
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import ReplayStrategy
 from cl_bench.strategies.distillation import kd_loss
@@ -114,13 +114,8 @@ class EEIL(ReplayStrategy):
         for group in self.optimizer.param_groups:
             group["lr"] *= self.finetune_lr_factor
         self.model.train()
-        batch_size = self.train_cfg.batch_size
-        with self.progress("balanced fine-tuning", total=self.finetune_epochs * -(-len(data) // batch_size)) as advance:
-            for _ in range(self.finetune_epochs):
-                for idx in iterate_batches(len(data), batch_size, self.generator, self.device):
-                    x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                    self.step(x, data.y[idx], teacher, [task.outputs])
-                    advance()  # batches
+        for x, y in self.passes(data, self.finetune_epochs, self.train_cfg.batch_size, "balanced fine-tuning"):
+            self.step(x, y, teacher, [task.outputs])
         self.optimizer = main_optimizer  # the fine-tuning optimizer (reduced lr) ends here
 
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
-from cl_bench.data.stream import Task, iterate_batches
+from cl_bench.data.stream import Task
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import MemoryBuffer, ReplayStrategy
 
@@ -188,22 +188,18 @@ class GDumb(ReplayStrategy):
         optimizer = torch.optim.SGD(
             model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        data = self.memory.split()
-        steps = -(-len(data) // self.batch_size)
-        with self.progress("training on memory", total=self.epochs * steps) as advance:
-            for epoch in range(self.epochs):
-                for group in optimizer.param_groups:
-                    group["lr"] = sgdr_lr(epoch, self.lr, self.min_lr)
-                for idx in iterate_batches(len(data), self.batch_size, self.generator, self.device):
-                    x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                    with self.autocast():  # this is all of GDumb's training: the run's precision
-                        loss = self.memory_loss(x, data.y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    self.backward(loss)
-                    if self.unscale(optimizer):  # fp16: clip the true gradients
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
-                    self.optimizer_step(optimizer)
-                    advance()
+        def schedule(epoch: int) -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = sgdr_lr(epoch, self.lr, self.min_lr)
+
+        for x, y in self.passes(self.memory.split(), self.epochs, self.batch_size, "training on memory", schedule):
+            with self.autocast():  # this is all of GDumb's training: the run's precision
+                loss = self.memory_loss(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.backward(loss)
+            if self.unscale(optimizer):  # fp16: clip the true gradients
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+            self.optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)  # the stream's steps hold no gradient
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

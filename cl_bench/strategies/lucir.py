@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
-from cl_bench.data.stream import Split, Task, iterate_batches
+from cl_bench.data.stream import Split, Task
 from cl_bench.models.heads import CosineHead
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import ReplayStrategy
@@ -214,21 +214,19 @@ class LUCIR(ReplayStrategy):
         data, head = self.memory.split(), self.model.head
         optimizer = self.make_optimizer([{"params": [head.weight], "lr": self.cbf_lr}])
         sigma = head.sigma.detach()
-        batch_size = self.train_cfg.batch_size
         self.model.eval()  # frozen feature extractor, batch norm included (the authors' fix_bn)
-        with self.progress("class-balanced fine-tuning", total=self.cbf_epochs * -(-len(data) // batch_size)) as advance:
-            for epoch in range(self.cbf_epochs):
-                for group in optimizer.param_groups:
-                    group["lr"] = self.cbf_lr * (0.1 if epoch >= self.cbf_epochs // 2 else 1.0)
-                for idx in iterate_batches(len(data), batch_size, self.generator, self.device):
-                    x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                    with torch.no_grad():
-                        features = self.model.features(x)
-                    loss = self.lucir_loss(features, data.y[idx], None, sigma)
-                    optimizer.zero_grad(set_to_none=True)
-                    self.backward(loss)
-                    self.optimizer_step(optimizer)
-                    advance()  # batches
+
+        def schedule(epoch: int) -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.cbf_lr * (0.1 if epoch >= self.cbf_epochs // 2 else 1.0)
+
+        for x, y in self.passes(data, self.cbf_epochs, self.train_cfg.batch_size, "class-balanced fine-tuning", schedule):
+            with torch.no_grad():
+                features = self.model.features(x)
+            loss = self.lucir_loss(features, y, None, sigma)
+            optimizer.zero_grad(set_to_none=True)
+            self.backward(loss)
+            self.optimizer_step(optimizer)
         self.model.train()
 
     def predict(self, x: torch.Tensor, task_id=None) -> torch.Tensor:

@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
-from cl_bench.data.stream import Task, iterate_batches
+from cl_bench.data.stream import Task
 from cl_bench.models.heads import CosineHead
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import ReplayStrategy
@@ -321,19 +321,14 @@ class PODNet(ReplayStrategy):
             group["lr"] *= self.finetune_lr_factor
         scale = head.sigma.detach()
         self.model.train()
-        batch_size = self.train_cfg.batch_size
-        with self.progress("balanced fine-tuning", total=self.finetune_epochs * -(-len(data) // batch_size)) as advance:
-            for _ in range(self.finetune_epochs):
-                for idx in iterate_batches(len(data), batch_size, self.generator, self.device):
-                    x = self.stream.transform(data.x[idx], train=True, generator=self.generator)
-                    with torch.no_grad():
-                        features = self.model.features(x)
-                    loss = nca_loss(self.similarities(features), data.y[idx], scale, self.margin, self._seen)
-                    optimizer.zero_grad(set_to_none=True)
-                    self.backward(loss)
-                    self.clamp(optimizer)
-                    self.optimizer_step(optimizer)
-                    advance()
+        for x, y in self.passes(data, self.finetune_epochs, self.train_cfg.batch_size, "balanced fine-tuning"):
+            with torch.no_grad():
+                features = self.model.features(x)
+            loss = nca_loss(self.similarities(features), y, scale, self.margin, self._seen)
+            optimizer.zero_grad(set_to_none=True)
+            self.backward(loss)
+            self.clamp(optimizer)
+            self.optimizer_step(optimizer)
 
     def summary(self) -> dict:
         return {**super().summary(), "scale": float(self.model.head.sigma.detach()), "pod_factor": self.factor}
