@@ -87,6 +87,7 @@ from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.strategies.base import Batch
 from cl_bench.strategies.buffer import MemoryBuffer, ReplayStrategy
+from cl_bench.strategies.der import check_replay_batch_size
 
 
 def rescale_to_ground_truth(responses: torch.Tensor, gt_logit: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -219,10 +220,7 @@ class XDER(ReplayStrategy):
             raise CLBenchError(
                 f"strategy.simclr_num_aug must be at least 2 (a view's positives: its other views), got {simclr_num_aug}"
             )
-        if replay_batch_size is not None and (not isinstance(replay_batch_size, int) or replay_batch_size < 1):
-            raise CLBenchError(
-                f"strategy.replay_batch_size must be a positive integer or null, got {replay_batch_size}"
-            )
+        replay_batch_size = check_replay_batch_size(replay_batch_size)
         super().__init__(memory_size, "random", "class")
         self.replay_batch_size = replay_batch_size
         self.memory = BalancedLogitMemory(memory_size)
