@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from cl_bench import CLBenchError
+from cl_bench.data import images
 from cl_bench.data.sources import (
     check_labels,
     corrupt_file_error,
@@ -44,7 +44,7 @@ from cl_bench.data.sources import (
 )
 from cl_bench.data.stream import Split, Stream, class_incremental_stream
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 CACHE_VERSION = 1
 
 
@@ -90,35 +90,11 @@ def list_images(folder: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
 
 def decode_image(path: Path, size: int) -> np.ndarray:
     """(3, size, size) uint8: shorter side resized to `size`, centre square kept."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2^k for free
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise corrupt_file_error("imagenet_subset", path, f"Pillow cannot decode it: {exc}") from None
+    return images.decode_image(path, size, "imagenet_subset")
 
 
 def decode_all(paths: list[Path], size: int, description: str) -> np.ndarray:
-    """Decode images in parallel threads (Pillow releases the GIL) with a progress bar."""
-    from rich.progress import Progress
-
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    workers = max(1, min(16, os.cpu_count() or 1))
-    with Progress(transient=False) as progress, ThreadPoolExecutor(workers) as pool:
-        bar = progress.add_task(description, total=len(paths))
-        for i, image in enumerate(pool.map(lambda p: decode_image(p, size), paths, chunksize=64)):
-            out[i] = image
-            progress.advance(bar)
-    return out
+    return images.decode_all(paths, size, description, decode=lambda i: decode_image(paths[i], size))
 
 
 def cache_key(wnids: list[str], image_size: int, root: Path) -> str:
