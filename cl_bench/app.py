@@ -153,7 +153,9 @@ def run_names(cfg: DictConfig, choices) -> dict[str, str]:
         target = str(cfg[group].get("_target_", "")) if cfg.get(group) is not None else ""
         shipped = files("cl_bench.conf").joinpath(group, f"{choice}.yaml") if choice else None
         if shipped is not None and shipped.is_file():
-            shipped_target = OmegaConf.create(shipped.read_text(encoding="utf-8")).get("_target_")
+            node = OmegaConf.create(shipped.read_text(encoding="utf-8"))
+            # a `# @package _global_` option (permuted_mnist, sequence) holds its group under the group's key
+            shipped_target = node.get("_target_") or (node.get(group) or {}).get("_target_")
             names[group] = choice if shipped_target == target or not target else target
         elif choice or target:  # an option of the user's own config folder
             names[group] = choice or target

@@ -667,6 +667,59 @@ def write_outputs(report: Report, out: Path, formats: Sequence[str]) -> list[Pat
     return written
 
 
+# ----- dataset sequences ------------------------------------------------------------------
+def dataset_rows(records: list[RunRecord]) -> list[dict]:
+    """For runs whose tasks are whole datasets (dataset=sequence): one row per group of runs
+    (strategy, backbone, scenario and the dataset list) with each dataset's accuracy after the
+    last task (%), LwF's "old task" (mean over the earlier datasets) and "new task" (the last),
+    and the storage each added task costs where the strategy reports it (Piggyback's layout:
+    masks at one bit per weight, against a full fp32 copy of the network)."""
+    groups: dict = {}
+    for record in records:
+        names = (record.summary or {}).get("task_names") or []
+        if record.status != "completed" or not names or not all(names):
+            continue
+        key = (record.keys.get("strategy"), record.keys.get("backbone"), record.keys.get("scenario"), tuple(names))
+        groups.setdefault(key, []).append(record)
+    out = []
+    for (strategy, backbone, scenario, names), members in groups.items():
+        finals = np.array([np.asarray(r.summary["accuracy_matrix"], dtype=float)[-1] for r in members]) * 100.0
+        info = members[0].summary.get("strategy_info") or {}
+        storage = info.get("storage_bytes_per_task")
+        out.append({
+            "strategy": strategy, "backbone": backbone, "scenario": scenario, "n": len(members),
+            "datasets": list(names), "final": finals.mean(0).tolist(),
+            "final_std": (finals.std(0, ddof=1) if len(members) > 1 else np.full(len(names), np.nan)).tolist(),
+            "old_task": float(finals[:, :-1].mean()) if len(names) > 1 else float("nan"),
+            "new_task": float(finals[:, -1].mean()),
+            "storage_bytes_per_task": storage if isinstance(storage, list) else None,
+            "storage_vs_copy_per_task": info.get("storage_vs_copy_per_task"),
+        })
+    return out
+
+
+def print_dataset_rows(rows: list[dict], console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cl_bench.results import print_table
+
+    for names in dict.fromkeys(tuple(r["datasets"]) for r in rows):
+        table = Table(title=f"accuracy per dataset after the last task (%): {' -> '.join(names)}", title_justify="left")
+        for column in ("strategy", "backbone", "scenario", "n", *names, "old tasks", "new task", "storage per task"):
+            table.add_column(column)
+        for r in (r for r in rows if tuple(r["datasets"]) == names):
+            cells = [f"{m:.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}") for m, s in zip(r["final"], r["final_std"])]
+            old = "-" if math.isnan(r["old_task"]) else f"{r['old_task']:.2f}"
+            ratio = r["storage_vs_copy_per_task"]
+            storage = "-" if not r["storage_bytes_per_task"] else " / ".join(
+                f"{b / 2**20:.2f} MiB" + (f" ({x:.3f}x)" if isinstance(x, (int, float)) else "")
+                for b, x in zip(r["storage_bytes_per_task"], ratio or [None] * len(r["storage_bytes_per_task"])))
+            table.add_row(*(escape(str(v)) for v in (r["strategy"], r["backbone"], r["scenario"], r["n"])), *cells,
+                          old, f"{r['new_task']:.2f}", escape(storage))
+        print_table(console, table)
+
+
 # ----- command -----------------------------------------------------------------------------
 # ----- against a paper's table ------------------------------------------------------------
 def _overrides(row: dict) -> dict:
@@ -823,6 +876,9 @@ def report_command(args: list[str]) -> int:
     if "console" in formats:
         print_console(report, console)
     written = write_outputs(report, out, formats)
+    sequences = dataset_rows(find_runs(Path(ns.path)))
+    if sequences and "console" in formats:
+        print_dataset_rows(sequences, console)
     if ns.against:
         print_against(against(find_runs(Path(ns.path)), ns.against), ns.against, console)
     if written:

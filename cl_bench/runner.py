@@ -991,6 +991,8 @@ class Runner:
             "device": str(self.device),
             "num_tasks": len(stream),
             "classes_per_task": [task.classes for task in stream.tasks],
+            # the dataset of each task where tasks are whole datasets (dataset=sequence), else null
+            "task_names": [task.name for task in stream.tasks],
             "class_order": list(stream.class_order),
             "parameters": count_parameters(self.strategy.model),
             "strategy_info": self.strategy.summary(),

@@ -154,18 +154,21 @@ def check_labels(dataset: str, split: Split, num_classes: int, where: Path | str
         raise corrupt_file_error(dataset, where, f"labels range {lo}..{hi}, expected 0..{num_classes - 1}")
 
 
-def normalising_transform(x: torch.Tensor, chunk: int = 4096) -> BatchTransform:
-    """Scale to [0, 1] and normalise by the per-channel mean and std of uint8 images `x`.
+def normalising_transform(x: torch.Tensor | Sequence[torch.Tensor], chunk: int = 4096) -> BatchTransform:
+    """Scale to [0, 1] and normalise by the per-channel mean and std of uint8 images `x`
+    (a tensor, or several with the same channel count taken together).
 
     Computed in chunks with float64 sums, so a large dataset never exists as one float copy.
     """
-    c = x.shape[1]
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    c = xs[0].shape[1]
     total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].to(torch.float64).transpose(0, 1).reshape(c, -1) / 255.0
-        total += part.sum(1)
-        total_sq += (part * part).sum(1)
-        count += part.shape[1]
+    for x in xs:
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk].to(torch.float64).transpose(0, 1).reshape(c, -1) / 255.0
+            total += part.sum(1)
+            total_sq += (part * part).sum(1)
+            count += part.shape[1]
     mean = total / count
     std = ((total_sq / count - mean * mean).clamp_min(1e-12) * count / max(count - 1, 1)).sqrt()
     return BatchTransform(mean=mean.tolist(), std=std.tolist())

@@ -73,6 +73,8 @@ class Task:
     train: Split
     test: Split
     val: Optional[Split] = None
+    # the dataset the task comes from, where tasks are whole datasets (dataset=sequence)
+    name: Optional[str] = None
 
     def to(self, device: torch.device) -> "Task":
         return self._map(lambda split: split.to(device))
