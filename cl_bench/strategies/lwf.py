@@ -40,19 +40,31 @@ and without `train.active_classes`, and `alpha=0` equals finetune run with
 `train.active_classes=true` (in task-IL and domain-IL: finetune as it is).
 
 The old model is a frozen copy in eval mode: its forward passes never update batch-norm
-running statistics. The paper's warm-up phase (training the new head alone first) is
-not used, as in van de Ven & Tolias's and FACIL's implementations.
+running statistics.
+
+Warm-up (`warmup_epochs`, Li & Hoiem TPAMI 2017, Sec. 3, "Training": "we first freeze
+theta_s and theta_o and train theta_n to convergence, then jointly train all weights"):
+before each task after the first, the new task's head rows alone are trained for
+`warmup_epochs` epochs with the new-task loss (the body in eval mode, so batch-norm
+statistics and dropout stay put, and every other head row kept exactly fixed through
+`FreezeGuard`, whatever the optimizer's momentum or weight decay), with the run's
+optimizer settings and `warmup_lr` (null: `train.lr`). Then the joint phase runs as
+usual. Off by default (0), as in van de Ven & Tolias's and FACIL's implementations; the
+paper's own protocol (`experiment=lwf_imagenet_to_x`) turns it on. Task-IL and class-IL
+only (a domain-IL head is shared, there is no new head to warm up).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
+from cl_bench.models.masked import FreezeGuard, epochs
 from cl_bench.strategies.base import Batch, Strategy
 from cl_bench.strategies.distillation import kd_loss
 from cl_bench.strategies.importance import check_positive
@@ -69,8 +81,15 @@ class LwF(Strategy):
         temperature: float = 2.0,
         weighting: str = "sum",
         class_il_targets: str = "padded",
+        warmup_epochs: int = 0,
+        warmup_lr: Optional[float] = None,
     ) -> None:
         check_positive("alpha", alpha, allow_zero=True)
+        if warmup_epochs < 0:
+            raise CLBenchError(f"strategy.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_lr is not None:
+            check_positive("warmup_lr", warmup_lr)
+        self.warmup_epochs, self.warmup_lr = int(warmup_epochs), warmup_lr
         check_positive("temperature", temperature)
         if weighting not in WEIGHTINGS:
             raise CLBenchError(f"strategy.weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
@@ -103,6 +122,59 @@ class LwF(Strategy):
             self.groups = [(everything, everything)] if old else []
         t = task.id + 1
         self.new_weight = 1.0 / t if self.weighting == "task_ratio" else 1.0
+        if self.warmup_epochs and self.old_model is not None:
+            self._warm_up(task)
+
+    def setup(self, model, stream, train_cfg, device) -> None:
+        if self.warmup_epochs:
+            if stream.scenario == "domain_il":
+                raise CLBenchError("strategy.warmup_epochs trains a new task's own head; domain_il has one shared "
+                                   "head (set strategy.warmup_epochs=0)")
+            if not isinstance(getattr(model, "head", None), torch.nn.Linear):
+                raise CLBenchError(f"strategy.warmup_epochs needs a backbone with a Linear head; "
+                                   f"{type(model).__name__} has none")
+        super().setup(model, stream, train_cfg, device)
+
+    def _warm_up(self, task: Task) -> None:
+        """The paper's warm-up: the new task's head rows alone, the rest exactly fixed."""
+        head = self.model.head
+        guard = FreezeGuard()
+        rows = torch.ones(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
+        rows[torch.tensor(task.outputs, device=rows.device)] = False  # True: not this task's row
+        guard.freeze(head.weight, rows[:, None].expand_as(head.weight).clone())
+        if head.bias is not None:
+            guard.freeze(head.bias, rows)
+        grads = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = [p for p in head.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = self.make_optimizer(params)
+        if self.warmup_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.warmup_lr
+        self.model.eval()
+        data = self.training_data(task)
+        batches = -(-len(data) // self.train_cfg.batch_size) * self.warmup_epochs
+        try:
+            with self.progress("LwF warm-up (new head)", total=batches) as advance:
+                for x, y in epochs(data, self.stream, self.warmup_epochs, self.train_cfg.batch_size):
+                    with self.autocast():
+                        loss = self._new_loss(self.model(x), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    self.backward(loss)
+                    guard.step(optimizer, lambda: self.optimizer_step(optimizer))
+                    advance()
+        finally:
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+            self.model.train()
+
+    def _new_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.active is not None:  # class-IL: only the classes seen so far compete
+            return F.cross_entropy(logits[:, self.active], self.position[y])
+        return self.loss(logits, y)
 
     def _distillation(self, logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -112,10 +184,7 @@ class LwF(Strategy):
 
     def train_step(self, batch: Batch) -> dict:
         logits = self.model(batch.x)
-        if self.active is not None:  # class-IL: only the classes seen so far compete
-            new_loss = F.cross_entropy(logits[:, self.active], self.position[batch.y])
-        else:
-            new_loss = self.loss(logits, batch.y)
+        new_loss = self._new_loss(logits, batch.y)
         distill = torch.zeros((), device=self.device)
         if self.old_model is not None and self.alpha > 0 and self.groups:
             with torch.no_grad():
