@@ -82,8 +82,8 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     # Learning-rate schedule within each task (it restarts at every task), applied to the
-    # optimizer of the strategy's training steps, every param group scaled from its own base
-    # lr: none, multistep (x gamma at each epoch of `milestones`) or cosine (from the base lr
+    # optimizers of the strategy's training steps (its `optimizer` and `scheduled_optimizers`,
+    # e.g. Piggyback's mask optimizer), every param group scaled from its own base lr: none, multistep (x gamma at each epoch of `milestones`) or cosine (from the base lr
     # to min_lr over the task's epochs). Set per epoch; the warm-up (linear from ~0, then the
     # schedule) per step. See runner.lr_factor.
     scheduler: SchedulerName = SchedulerName.none

@@ -633,11 +633,11 @@ class Runner:
         """Every param group of the strategy's optimizer at `factor` x its base lr (kept in the
         group as "initial_lr", like torch's schedulers, so a kept optimizer restarts from it and
         the value travels in the optimizer's state_dict); the first group's lr."""
-        opt = self.strategy.optimizer
-        if opt is None:
-            return None
-        for group in opt.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        # a strategy's other optimizers of its training steps (Piggyback's mask optimizer) follow the schedule too
+        optimizers = [self.strategy.optimizer, *(getattr(self.strategy, "scheduled_optimizers", None) or ())]
+        for opt in optimizers:
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         return self._lr()
 
     def _validate_epoch(self, task, epoch: int, steps: int) -> bool:

@@ -18,10 +18,12 @@ units. Growth needs consecutive layers joined unit to unit (`growable`: MLPs);
 HAT's Eq. 2 relies on; batch-norm or residual connections break it (ResNets).
 
 Helpers for strategies built on these layers live here too: `WeightOwners` (which task
-owns each weight: PackNet/CPG bookkeeping with magnitude pruning), `binarize`
+owns each weight: PackNet/CPG bookkeeping with magnitude pruning, and the weights a
+pretrained backbone keeps: PackNet's pruned ImageNet network), `binarize`
 (straight-through threshold of real mask scores: Piggyback/CPG), `FreezeGuard` (keeps
 chosen entries exactly fixed through any optimizer step), `TaskBatchNorm`, `epochs`
-(extra passes over a split for phases a strategy runs itself), `size_summary`, and
+(extra passes over a split for phases a strategy runs itself), `size_summary` and
+`StorageCount` (storage per task in bytes, as Piggyback counts it), `is_pretrained`, and
 `batchnorms`/`freeze_batchnorms`/`batchnorms_eval` (batch-norm shared by all tasks, fixed
 after the first: affine parameters and running statistics) and `start_task_batchnorms`/
 `freeze_other_batchnorms` (a `TaskBatchNorm` copy per task).
@@ -254,8 +256,14 @@ def binarize(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return _Binarize.apply(scores, threshold)
 
 
+# WeightOwners' owner value of the weights a pretrained backbone keeps (PackNet's "ImageNet" task)
+PRETRAINED_OWNER = 255
+
+
 class WeightOwners:
-    """owner[l][i] = 0 for a free weight, t + 1 for a weight that belongs to task t."""
+    """owner[l][i] = 0 for a free weight, t + 1 for a weight that belongs to task t, and
+    `PRETRAINED_OWNER` for a weight kept from a pretrained backbone (used by every task,
+    trained by none: `keep_pretrained`)."""
 
     def __init__(self, layers: Sequence[MaskedLayer]) -> None:
         self.owner = [torch.zeros(l.weight.shape, dtype=torch.uint8, device=l.weight.device) for l in layers]
@@ -264,9 +272,18 @@ class WeightOwners:
         for o in self.owner:
             o[o == 0] = task + 1
 
+    def keep_pretrained(self, layers: Sequence[MaskedLayer], fraction: float) -> None:
+        """Give every weight to the pretrained pseudo-task, then release (zero and free) the
+        `fraction` of smallest magnitude per layer, as PackNet prunes its ImageNet network."""
+        self.claim_free(PRETRAINED_OWNER - 1)
+        self.prune(layers, PRETRAINED_OWNER - 1, fraction)
+
+    def pretrained(self) -> list[torch.Tensor]:
+        return [o == PRETRAINED_OWNER for o in self.owner]
+
     def visible(self, task: int) -> list[torch.Tensor]:
-        """Weights task `task` uses at test: its own and those of earlier tasks."""
-        return [(o > 0) & (o <= task + 1) for o in self.owner]
+        """Weights task `task` uses at test: its own, those of earlier tasks and the pretrained ones."""
+        return [((o > 0) & (o <= task + 1)) | (o == PRETRAINED_OWNER) for o in self.owner]
 
     def own(self, task: int) -> list[torch.Tensor]:
         return [o == task + 1 for o in self.owner]
@@ -378,6 +395,55 @@ def size_summary(total: int, per_task: Sequence[int], mask_bytes: int, **extra) 
 def bit_bytes(n: int) -> int:
     """Bytes of a bit-packed binary mask over `n` entries."""
     return (int(n) + 7) // 8
+
+
+FP32_BYTES = 4
+
+
+def float_numel(module: nn.Module) -> int:
+    """Entries of `module`'s floating-point state (parameters and batch-norm running statistics,
+    not the integer `num_batches_tracked`): what a saved copy of it holds."""
+    return sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """Whether a backbone was built from pretrained weights: its `pretrained_weights` (the file
+    or name they came from) is set; randomly initialised backbones have None or no attribute."""
+    return getattr(model, "pretrained_weights", None) is not None
+
+
+class StorageCount:
+    """Storage per task as Piggyback counts it (Mallya et al. 2018, abstract: a binary mask
+    costs "1 bit per network parameter, per task", about 1/32 of a float32 copy of the
+    network; task-specific batch-norm and classifier are stored in full). Counted from the plain backbone
+    at setup, before a strategy wraps it: `copy_bytes` is a full float32 copy of the network
+    (body and whole head, batch-norm statistics included: what Individual Networks stores
+    per task), `body_bytes` one copy of the body, `bn_bytes` one set of its batch-norm layers
+    (weight, bias, running mean and variance) and `mask_bytes` one bit-packed binary mask
+    over the weights of the body's Linear/Conv2d layers (`mask_weights` entries)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.copy_bytes = FP32_BYTES * float_numel(model)
+        self.body_bytes = FP32_BYTES * float_numel(model.body)
+        self.bn_bytes = FP32_BYTES * sum(float_numel(bn) for bn in batchnorms(model.body))
+        layers = [m for m in model.body.modules() if isinstance(m, (nn.Linear, nn.Conv2d, MaskedLayer))]
+        self.mask_weights = sum(l.weight.numel() for l in layers)
+        self.mask_bytes = sum(bit_bytes(l.weight.numel()) for l in layers)  # packed per layer
+
+    def head_bytes(self, head: nn.Module, task) -> int:
+        return FP32_BYTES * head_params(head, task)
+
+    def summary(self, per_task: Sequence[int], masks: Sequence[int], base: int = 0) -> dict:
+        """Keys for `size_summary`: the bytes each task added (`per_task`), its mask bytes
+        (`masks`), and what was stored before any task (`base`: a pretrained backbone)."""
+        return {
+            "copy_bytes": int(self.copy_bytes),
+            "storage_base_bytes": int(base),
+            "storage_bytes_per_task": [int(b) for b in per_task],
+            "storage_vs_copy_per_task": [round(b / self.copy_bytes, 6) for b in per_task],
+            "mask_bytes_per_task": [int(m) for m in masks],
+            "mask_bits_per_weight": [round(8 * m / max(self.mask_weights, 1), 4) for m in masks],
+        }
 
 
 def head_params(head: nn.Module, task) -> int:

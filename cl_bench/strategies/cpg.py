@@ -120,6 +120,12 @@ class CPG(Strategy):
             self.scores = nn.ParameterList(nn.Parameter(torch.full_like(l.weight, self.mask_init)) for l in self.model.hidden)
         self._optimizers()
 
+    @property
+    def scheduled_optimizers(self) -> list:
+        """The mask optimizer follows `train.scheduler` as the run's optimizer does (runner._set_lr),
+        as the authors decay both (Piggyback's main.py: lr_mask_decay_every, lr_classifier_decay_every)."""
+        return [self.mask_optimizer] if getattr(self, "mask_optimizer", None) is not None else []
+
     def train_step(self, batch) -> dict:
         return self._step(batch.x, batch.y)
 

@@ -1,24 +1,46 @@
 """Piggyback (Mallya, Davis & Lazebnik, ECCV 2018): adapting one fixed network to many
 tasks by learning a binary mask over its weights per task.
 
-The backbone is fixed: loaded from `pretrained` (a state_dict of the backbone) when the
-user has weights, otherwise trained normally on the first task (which then uses the
-plain backbone). For every other task t, real-valued scores m^t (one per body weight,
-initialised to `mask_init`) are thresholded into a binary mask,
+The backbone is fixed. In the paper (and the authors' code, arunmallya/piggyback) it is
+an ImageNet-trained VGG-16, ResNet-50 or DenseNet-121 from torchvision, and every new
+task, the first one included, learns a mask over it; the plain network never trains.
+clbench does the same whenever the backbone is pretrained: built with pretrained weights
+(its `pretrained_weights` is set, e.g. `backbone.pretrained=...`) or loaded from
+`strategy.pretrained` (a state_dict of the backbone). Without pretrained weights the
+backbone is first trained normally on the first task (which then uses the plain
+backbone) and fixed from then on. For every masked task t, real-valued scores m^t (one
+per body weight, initialised to `mask_init`) are thresholded into a binary mask,
     M^t = 1[m^t > threshold],  effective weight W * M^t                      (Sec. 3)
 and trained with the straight-through estimator: dL/dm^t_ji = dL/d(W M^t)_ji * W_ji.
-Only the scores, the task's head rows and (with `task_batchnorm`) a per-task copy of
+Only the scores, the task's head rows and (with `task_batchnorm`) the task's copy of
 each batch-norm layer are trained; after the task the binary mask (1 bit per weight)
 is stored and the scores discarded. Defaults follow the authors' code (mask_init 1e-2,
 threshold 5e-3, Adam on the scores); `mask_lr` defaults to 1e-3 instead of their 1e-4
 because CI-sized protocols take tens of steps per task, not thousands. Biases stay
-those of the backbone. Earlier tasks' logits never change, with any optimizer: from
-the first masked task on, the body's weights and biases are out of the optimizer, each
-task's batch-norm copy (or, with `task_batchnorm=false`, the shared batch-norm, kept in
-eval mode) runs only for its own task, and other tasks' head rows are frozen through
-the shared `FreezeGuard` (tested with SGD momentum + weight decay and AdamW on a
-batch-norm ResNet). Any backbone with `body` and a Linear `head` works (MaskedNet
-refuses others in setup). Task-IL only: the task id picks the mask.
+those of the backbone.
+
+Batch-norm, the paper's two settings (the authors' `--train_bn` flag): with
+`task_batchnorm=true` every task trains its own copy of each batch-norm layer (affine
+parameters and running statistics), started from the backbone's; copy 0 is the
+backbone's own and, on a pretrained backbone, is never trained. With
+`task_batchnorm=false` batch-norm keeps the backbone's values: eval mode while training
+(the authors' `train_nobn`) and out of the optimizer (they zero its gradients; here it
+never reaches the optimizer, so weight decay and momentum cannot move it either). Earlier
+tasks' logits never change, with any optimizer: from the first masked task on, the
+body's weights and biases are out of the optimizer, each task's batch-norm copy runs
+only for its own task, and other tasks' head rows are frozen through the shared
+`FreezeGuard` (tested with SGD momentum + weight decay and AdamW on a batch-norm ResNet:
+tests/test_isolation.py, and on a pretrained one with both batch-norm settings:
+tests/test_pretrained_isolation.py).
+
+`summary()` reports each task's mask density (one entry per masked task) and its storage
+as the paper counts it (abstract: masks "incur a low overhead of 1 bit per network
+parameter, per task", against a float32 copy of the network per task for individual
+networks): per task the bit-packed mask, the task's batch-norm copy and head
+rows (`storage_bytes_per_task`, `storage_vs_copy_per_task`; a task that trained the
+plain backbone stores the whole body), and `storage_base_bytes`, the pretrained backbone
+shared by all. Any backbone with `body` and a Linear `head` works (MaskedNet refuses
+others in setup). Task-IL only: the task id picks the mask.
 """
 
 from __future__ import annotations
@@ -31,7 +53,8 @@ from torch import nn
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
-    FreezeGuard, MaskedNet, binarize, bit_bytes, head_params, head_rows_frozen, size_summary, task_batchnorms,
+    FreezeGuard, MaskedNet, StorageCount, binarize, head_params, head_rows_frozen, is_pretrained, size_summary,
+    task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
 
@@ -55,18 +78,25 @@ class Piggyback(Strategy):
                 model.load_state_dict(torch.load(self.pretrained, map_location="cpu"))
             except Exception as exc:
                 raise CLBenchError(f"strategy.pretrained: cannot load backbone weights ({exc})") from None
-        net = MaskedNet(model)
+        self.fixed_backbone = bool(self.pretrained) or is_pretrained(model)
+        self.first_masked = 0 if self.fixed_backbone else 1  # tasks before it use the plain backbone
+        # batch-norm copy k + bn_offset serves task k; copy 0 is the backbone's (task 0's when it trains it)
+        self.bn_offset = 1 - self.first_masked
+        net = MaskedNet(model)  # refuses backbones without body and Linear head
+        self.storage = StorageCount(model)
         self.norms = task_batchnorms(net.body) if self.task_batchnorm else []
         for bn in self.norms:
-            bn.ensure(len(stream))
+            bn.ensure(len(stream) + self.bn_offset)
         super().setup(net.to(device), stream, train_cfg, device)
-        self.first_masked = 0 if self.pretrained else 1  # tasks before it use the plain backbone
         self.masks: list[Optional[list[torch.Tensor]]] = []
         self.task = 0
 
     def use_task(self, task_id: int) -> None:
         for bn in self.norms:
-            bn.task = task_id
+            bn.task = task_id + self.bn_offset
+        if task_id == self.task and getattr(self, "scores", None) is not None:  # mid-task (validation): its mask so far
+            self.model.set_masks([(s.detach() > self.threshold).float() for s in self.scores])
+            return
         masks = self.masks[task_id] if task_id < len(self.masks) else None
         self.model.set_masks(None if masks is None else [m.float() for m in masks])
 
@@ -86,9 +116,10 @@ class Piggyback(Strategy):
         self.mask_optimizer = torch.optim.Adam(self.scores, lr=self.mask_lr)
         trainable = list(head.parameters())
         for bn in self.norms:  # the task's batch-norm starts from the backbone's
-            bn.norms[task.id].load_state_dict(bn.norms[0].state_dict())
-            bn.norms[task.id].requires_grad_(True)
-            trainable += list(bn.norms[task.id].parameters())
+            norm = bn.norms[task.id + self.bn_offset]
+            norm.load_state_dict(bn.norms[0].state_dict())
+            norm.requires_grad_(True)
+            trainable += list(norm.parameters())
         self.optimizer = self.make_optimizer(trainable)
 
     def set_training(self, training: bool) -> None:
@@ -96,7 +127,15 @@ class Piggyback(Strategy):
         if training and self.task >= self.first_masked and not self.norms:
             self.model.body.eval()  # shared batch-norm statistics stay those of the backbone
 
+    @property
+    def scheduled_optimizers(self) -> list:
+        """The mask optimizer follows `train.scheduler` as the run's optimizer does (runner._set_lr),
+        as the authors decay both (Piggyback's main.py: lr_mask_decay_every, lr_classifier_decay_every)."""
+        return [self.mask_optimizer] if getattr(self, "mask_optimizer", None) is not None else []
+
     def train_step(self, batch) -> dict:
+        for bn in self.norms:  # a prediction in between (validation) may have picked another task's copy
+            bn.task = self.task + self.bn_offset
         if self.scores is not None:
             self.model.set_masks([binarize(s, self.threshold) for s in self.scores])
         loss = self.loss(self.model(batch.x), batch.y)
@@ -121,21 +160,28 @@ class Piggyback(Strategy):
         return self.model(x)
 
     def summary(self) -> dict:
-        head = self.model.head
+        head, count = self.model.head, self.storage
         body = sum(p.numel() for p in self.model.body.parameters())
         biases = sum(l.bias.numel() for l in self.model.hidden if l.bias is not None)
         norms = sum(p.numel() for bn in self.norms for p in bn.norms[0].parameters())
-        used, mask_bytes = [], 0
+        extra_copies = len(self.norms[0].norms) - 1 if self.norms else 0
+        used, stored, mask_bytes, masks_per_task = [], [], 0, []
         for t, task in enumerate(self.stream.tasks[: self.task + 1]):
             masks = self.masks[t] if t < len(self.masks) else None
-            if masks is None:
-                used.append(body - norms * max(len(self.stream) - 1, 0) + head_params(head, task))
+            if masks is None:  # the task trained the plain backbone: it stores the whole body
+                used.append(body - norms * extra_copies + head_params(head, task))
+                stored.append(count.body_bytes + count.head_bytes(head, task))
+                masks_per_task.append(0)
             else:
                 used.append(sum(int(m.sum()) for m in masks) + biases + norms + head_params(head, task))
-                mask_bytes += sum(bit_bytes(m.numel()) for m in masks)
+                stored.append(count.mask_bytes + (count.bn_bytes if self.norms else 0) + count.head_bytes(head, task))
+                mask_bytes += count.mask_bytes
+                masks_per_task.append(count.mask_bytes)
         density = [round(sum(int(m.sum()) for m in ms) / sum(m.numel() for m in ms), 4)
                    for ms in self.masks if ms is not None]
-        return size_summary(sum(p.numel() for p in self.model.parameters()), used, mask_bytes, mask_density=density)
+        base = count.body_bytes if self.fixed_backbone else 0
+        return size_summary(sum(p.numel() for p in self.model.parameters()), used, mask_bytes, mask_density=density,
+                            **count.summary(stored, masks_per_task, base))
 
     def state_dict(self) -> dict:
         return {"masks": self.masks, "task": self.task}
