@@ -758,7 +758,16 @@ def _protocol_differences(record: RunRecord, row: dict) -> list[str]:
     return diffs
 
 
-def _paper_metric(summary: dict, metric: str) -> Optional[float]:
+def _paper_metric(summary: dict, metric: str, dataset: Optional[str] = None) -> Optional[float]:
+    """The run's value of a paper row's metric (%): its summary metric, or, for a run whose tasks are
+    whole datasets (dataset=sequence) and a row about one of them, that dataset's accuracy (or top-1
+    error) after the last task, as Piggyback's and PackNet's tables give it."""
+    names = summary.get("task_names") or []
+    if dataset is not None and dataset in names:
+        if metric not in ("acc", "error"):
+            return None
+        acc = 100.0 * float(np.asarray(summary["accuracy_matrix"], dtype=float)[-1, names.index(dataset)])
+        return acc if metric == "acc" else 100.0 - acc
     if metric == "acc_task_aware":
         source = summary.get("metrics_task_aware") or {}
         return None if "acc" not in source else 100.0 * float(source["acc"])
@@ -788,17 +797,24 @@ def against(records: list[RunRecord], name: str) -> list[dict]:
     out = []
     for (strategy, scenario, _), members in groups.items():
         candidates = rows_by.get((strategy, scenario), [])
-        for metric in dict.fromkeys(row["metric"] for row in candidates):
-            options = [(len(_protocol_differences(members[0], row)), i, row)
-                       for i, row in enumerate(candidates) if row["metric"] == metric]
+        # runs over a dataset sequence: one comparison per dataset of the sequence the table has
+        names = set(members[0].summary.get("task_names") or []) - {None}
+        per_dataset = names & {row["dataset"] for row in candidates}
+        for metric, dataset in dict.fromkeys((row["metric"], row["dataset"] if per_dataset else None)
+                                             for row in candidates):
+            if per_dataset and dataset not in per_dataset:
+                continue
+            options = [(len(_protocol_differences(members[0], row)), i, row) for i, row in enumerate(candidates)
+                       if row["metric"] == metric and dataset in (None, row["dataset"])]
             _, _, row = min(options)
-            values = [v for v in (_paper_metric(r.summary, metric) for r in members) if v is not None]
+            values = [v for v in (_paper_metric(r.summary, metric, dataset) for r in members) if v is not None]
             if not values:
                 continue
             mean = float(np.mean(values))
             std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             out.append({
-                "method": strategy, "scenario": scenario, "metric": metric, "n": len(values),
+                "method": strategy, "scenario": scenario, "metric": metric if dataset is None else f"{metric} {dataset}",
+                "n": len(values),
                 "ours": mean, "ours_std": std, "paper": row["value"], "paper_spread": row["spread"],
                 "difference": mean - row["value"], "differences": _protocol_differences(members[0], row),
                 "verified": row["verified"], "source": f"{row['paper']}, {row['table']}",
@@ -854,8 +870,9 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the plots (the same as leaving plots out of --format)")
     parser.add_argument("--against", default="", metavar="TABLE",
-                        help="also print the runs beside a paper's published numbers (cl_bench/paper_tables/TABLE.csv: "
-                        "vandeven2019, buzzega2020), with the difference and the protocol keys that differ")
+                        help="also print the runs beside a paper's published numbers (cl_bench/paper_tables/TABLE.csv, "
+                        "e.g. vandeven2019, buzzega2020, hsu2018, chaudhry2019agem; an unknown name lists them all), "
+                        "with the difference and the protocol keys that differ")
     from cl_bench.cli import quiet_parse
 
     ns = quiet_parse(parser, args)

@@ -78,6 +78,8 @@ FAST_TIER = (
     "tests/test_lucir.py::test_bad_hyperparameters_are_refused_naming_the_key",
     "tests/test_paper_tables.py::test_every_table_is_well_formed",
     "tests/test_paper_tables.py::test_an_unknown_table_is_refused_in_one_line",
+    "tests/test_paper_tables_more.py::test_table_parses_with_unique_keys_and_values_in_range",
+    "tests/test_dgm_experiments.py::test_experiment_carries_the_authors_settings",
 )
 
 

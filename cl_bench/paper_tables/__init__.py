@@ -4,9 +4,15 @@ Each `<name>.csv` holds one paper's table: one row per (dataset, scenario, metho
 metric) with the published value (and its spread where printed), the table it comes
 from, the paper's protocol in words and as clbench overrides (`protocol_overrides`,
 space-separated `key=value`: what a run must have set to follow the paper), and
-`verified`: true only where the number was checked against the paper itself. Values
-are in percent. `clbench report PATH --against <name>` prints a folder's results beside
-a table (cl_bench.report.against_table).
+`verified`: true only where the number was checked against the paper itself (read in
+the paper's own text); each file's `#` header says where its numbers come from otherwise
+(an image of the table or a results notebook in the authors' repository, a README). Values
+are in percent. Metrics: `acc`, `acc_task_aware` and `forgetting` (x 100) compare with a
+run's summary metrics; a row whose `dataset` is one task of a `dataset=sequence` run (PackNet,
+Piggyback) compares `acc` / `error` (top-1, = 100 - accuracy) with that dataset's accuracy after
+the last task; `error_top5` has no counterpart in a run and is not compared.
+`clbench report PATH --against <name>` prints a folder's results beside a table
+(cl_bench.report.against_table).
 """
 
 from __future__ import annotations
