@@ -167,6 +167,10 @@ def launch(args: list[str]) -> list[dict]:
     `CLBenchError` for a refused command line and the run's own exception for a failed run.
     The command line and the Python API (`cl_bench.run`) both go through here.
     """
+    if "-m" in args or "--multirun" in args:  # hydra/launcher=fork (cl_bench/launcher), also from an editable install
+        from hydra_plugins.clbench_launcher.fork_launcher import register
+
+        register()
     problem = override_problem(args) or hydra_usage_problem(args) or unknown_group_option(args)
     if problem is None and ("-m" in args or "--multirun" in args):
         from cl_bench.sweep import check_sweep

@@ -76,7 +76,7 @@ def available_cores() -> int:
 def parallel_workers(launcher: Any, cores: int) -> int:
     """How many jobs of a sweep share this machine's cores under `launcher` (Hydra's config)."""
     target = str((launcher or {}).get("_target_", ""))
-    if target.endswith("JoblibLauncher"):
+    if target.endswith(("JoblibLauncher", "ForkLauncher")):
         n = launcher.get("n_jobs", -1)
         if n is None:
             return 1
@@ -110,7 +110,7 @@ def gpu_assignment(launcher: Any, job_num: int, gpus: int, cores: Optional[int] 
     if gpus < 1:
         return None
     target = str((launcher or {}).get("_target_", ""))
-    if not (target.endswith("JoblibLauncher") or target.endswith("LocalLauncher")):
+    if not target.endswith(("JoblibLauncher", "ForkLauncher", "LocalLauncher")):
         return None
     workers = parallel_workers(launcher, cores or available_cores())
     if workers < 2:

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = {
     "basic": [],
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    # clbench's own: workers forked from the sweep's process (cl_bench/launcher)
+    "fork": ["hydra/launcher=fork", "hydra.launcher.n_jobs=2"],
     "submitit_local": ["hydra/launcher=submitit_local"],
 }
 SWEEP = ["experiment=smoke", "strategy=finetune,joint", "seed=0,1"]
@@ -86,7 +88,7 @@ def run_folders(sweep_dir: Path) -> dict[tuple[str, int], Path]:
 def test_every_launcher_gives_the_same_matrices_for_the_same_seed(sweeps):
     reference = run_folders(sweeps["basic"])
     assert sorted(reference) == [("finetune", 0), ("finetune", 1), ("joint", 0), ("joint", 1)]
-    for name in ("joblib", "submitit_local"):
+    for name in ("joblib", "fork", "submitit_local"):
         runs = run_folders(sweeps[name])
         assert sorted(runs) == sorted(reference), name
         for key, folder in runs.items():
@@ -99,13 +101,17 @@ def test_every_launcher_gives_the_same_matrices_for_the_same_seed(sweeps):
 
 def test_parallel_workers_get_their_share_of_the_cores(sweeps):
     cores = available_cores()
-    for name, expected in (("joblib", max(1, cores // 2)), ("submitit_local", 1), ("basic", cores)):
+    for name, expected in (("joblib", max(1, cores // 2)), ("fork", max(1, cores // 2)), ("submitit_local", 1),
+                           ("basic", cores)):
         for folder in run_folders(sweeps[name]).values():
             cfg = json.loads((folder / "metrics.json").read_text())["config"]
             assert cfg["device"]["num_threads"] == expected, name
     joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": -1}
     assert parallel_workers(joblib, 8) == 8 and threads_per_worker(joblib, 8) == 1
     assert threads_per_worker({**joblib, "n_jobs": 2}, 8) == 4 and threads_per_worker({**joblib, "n_jobs": -2}, 8) == 1
+    fork = {"_target_": "hydra_plugins.clbench_launcher.fork_launcher.ForkLauncher", "n_jobs": 2}
+    assert parallel_workers(fork, 8) == 2 and threads_per_worker(fork, 8) == 4
+    assert gpu_assignment(fork, 3, 2, cores=8) == (1, 1.0)
     slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "cpus_per_task": 4}
     assert threads_per_worker(slurm, 16) == 4
 
