@@ -302,6 +302,7 @@ class Runner:
         model = build(
             cfg.backbone, "backbone", input_shape=stream.input_shape, num_outputs=stream.num_outputs
         )
+        self.backbone_weights = getattr(model, "pretrained_weights", None)
         self.strategy: Strategy = build(cfg.strategy, "strategy")
         if not isinstance(self.strategy, Strategy):
             raise CLBenchError(f"strategy._target_ must build a Strategy, got {type(self.strategy).__name__}")
@@ -995,6 +996,8 @@ class Runner:
             "task_names": [task.name for task in stream.tasks],
             "class_order": list(stream.class_order),
             "parameters": count_parameters(self.strategy.model),
+            # the backbone's pretrained weights (torchvision's enum name or the file), null when it started random
+            "backbone_weights": self.backbone_weights,
             "strategy_info": self.strategy.summary(),
             "metrics": metrics,
             "metrics_task_aware": all_metrics(R_aware, progress["init_aware"]) if stream.scenario == "class_il" else None,

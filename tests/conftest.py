@@ -80,6 +80,14 @@ FAST_TIER = (
     "tests/test_paper_tables.py::test_an_unknown_table_is_refused_in_one_line",
     "tests/test_paper_tables_more.py::test_table_parses_with_unique_keys_and_values_in_range",
     "tests/test_dgm_experiments.py::test_experiment_carries_the_authors_settings",
+    "tests/test_pretrained_backbones.py::test_wrong_files_are_refused_in_one_line_naming_the_file_and_the_fault",
+    "tests/test_pretrained_backbones.py::test_missing_weights_are_one_line_naming_the_file_where_it_goes_and_the_fetch_command",
+    "tests/test_pretrained_backbones.py::test_imagenet_weights_come_from_the_torch_hub_cache_under_torchvisions_file_name",
+    "tests/test_sequence.py::test_default_sequence_is_digits_then_mnist5k_with_shifted_labels",
+    "tests/test_sequence.py::test_bad_sequences_fail_in_one_line",
+    "tests/test_experiments.py::test_experiment_carries_the_papers_settings_per_method",
+    "tests/test_lwf_warmup.py::test_warm_up_zero_is_the_default_and_bad_values_are_refused",
+    "tests/test_pretrained_isolation.py::test_storage_per_task_matches_a_hand_count",
 )
 
 

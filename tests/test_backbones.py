@@ -13,11 +13,18 @@ from cl_bench.config import build
 from cl_bench.runner import count_parameters
 from tests.conftest import compose_cfg, conf_options
 
+HEAVY_BACKBONES = {"vgg16", "alexnet"}  # 134M / 57M parameters: seconds to build on a CPU
+
+
+def backbone_params():
+    """Every backbone config; the heavy ones outside the fast tier."""
+    return [pytest.param(b, marks=pytest.mark.slow) if b in HEAVY_BACKBONES else b for b in conf_options("backbone")]
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("backbone", conf_options("backbone"))
+@pytest.mark.parametrize("backbone", backbone_params())
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_interface(backbone, shape):
     """features(x) -> (B, feature_dim), head is a Linear over it, forward = head(features)."""
@@ -85,7 +92,7 @@ def test_pretrained_weights_from_the_torch_cache_only(tmp_path, monkeypatch):
     assert small.body.conv1.weight.shape == (64, 3, 3, 3)
 
 
-@pytest.mark.parametrize("backbone", conf_options("backbone"))
+@pytest.mark.parametrize("backbone", backbone_params())
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
 def test_feature_maps_end_with_the_features_and_the_last_relu_can_be_removed(backbone, shape):
     """feature_maps(x): one output per stage of the body (image maps for conv backbones), the

@@ -51,9 +51,14 @@ def test_every_dataset_runs_on_smoke(dataset, tmp_path):
     assert np.isfinite(R).all() and R.shape[0] == s["num_tasks"]
 
 
+# VGG-16 and AlexNet (134M / 57M parameters): no checkpoints (half a gigabyte each) and one step per task
+HEAVY = {"vgg16": ("checkpoint=false", "dataset.max_train_per_class=4"),
+         "alexnet": ("checkpoint=false", "dataset.max_train_per_class=4")}
+
+
 @pytest.mark.parametrize("backbone", conf_options("backbone"))
 def test_every_backbone_runs_on_smoke(backbone, tmp_path):
-    s = Runner(compose_cfg("experiment=smoke", f"backbone={backbone}"), tmp_path).run()
+    s = Runner(compose_cfg("experiment=smoke", f"backbone={backbone}", *HEAVY.get(backbone, ())), tmp_path).run()
     assert s["parameters"] > 0
 
 

@@ -10,8 +10,10 @@
 - `ResNet18`: torchvision's ResNet-18. For small images (`small_input=auto`: shorter
   side at most 64 pixels) its 7x7 stride-2 stem and max pooling become a 3x3 stride-1
   convolution, the usual adaptation to 32x32 inputs (e.g. in DER, Buzzega et al. 2020).
-  `pretrained=true` loads torchvision's ImageNet weights from the torch hub cache;
-  a stem that was adapted or has a different channel count keeps its random init.
+  `pretrained=imagenet` (or true) loads torchvision's ImageNet weights from the torch hub
+  cache, `weights=<file>` a state dict file (models/pretrained.py: the same loader and checks
+  as vgg16/resnet50/densenet121/alexnet); an adapted stem keeps its random init, and a
+  one-channel input sums the pretrained RGB filters.
 
 All expose `body` (input -> pooled penultimate activations), `head` (the linear output
 layer), `features(x)` = `body(x)`, `feature_dim`, `feature_maps(x)` (each stage's output
@@ -22,7 +24,7 @@ saved before `body` existed (keys `stem.*`, `stages.*`) still load.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ from torch import nn
 
 from cl_bench import CLBenchError
 from cl_bench.models.heads import stage_outputs
+from cl_bench.models.pretrained import PretrainedOption, TorchvisionResNet
 
 
 class BasicBlock(nn.Module):
@@ -129,77 +132,27 @@ class ResNet32(_SmallInputResNet):
 
 
 def cached_torchvision_weights(weights) -> dict:
-    """A torchvision weights enum's state dict from the torch hub cache, never from the network."""
-    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    """A torchvision weights enum member's state dict from the torch hub cache, never from the network
+    (kept for callers of the earlier API; the backbones load through models/pretrained.py)."""
+    from cl_bench.models.pretrained import cache_file, fetch_hint, read_state_dict
+
+    file = cache_file(weights)
     if not file.is_file():
         raise CLBenchError(
-            f"backbone.pretrained=true needs torchvision's {weights} weights, which are not in the torch cache "
-            f"({file} is missing) and clbench does not download them. On a machine with internet run "
-            f"`python -c \"import torchvision; torchvision.models.resnet18(weights='{weights.name}')\"` "
-            f"and copy the file to {file.parent}/ (or set TORCH_HOME), or use backbone.pretrained=false"
-        )
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CLBenchError(f"cannot read the cached weights {file} ({exc}); delete it and fetch it again") from None
+            f"torchvision's {type(weights).__name__}.{weights.name} weights are not in the torch cache ({file} is "
+            f"missing) and clbench does not download them. On a machine with internet run "
+            f"{fetch_hint(weights, 'resnet18')} (with the matching model) and copy the file to {file.parent}/ "
+            f"(or set TORCH_HOME)")
+    return read_state_dict(file)
 
 
-def _block_without_relu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision's BasicBlock.forward without its final ReLU."""
-    out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
-    return out + (x if block.downsample is None else block.downsample(x))
+class ResNet18(TorchvisionResNet):
+    """torchvision's ResNet-18 (11.7M parameters with ImageNet's classifier; 11.2M in the body).
 
+    `pretrained`: none/false (random), imagenet/true (torchvision's IMAGENET1K_V1 from the torch hub
+    cache), or `weights=<file>`; see models/pretrained.py for the file checks and the input adaptations."""
 
-class ResNet18(nn.Module):
-    def __init__(
-        self, input_shape: tuple, num_outputs: int, small_input: str = "auto", pretrained: bool = False
-    ) -> None:
-        super().__init__()
-        from torchvision.models import ResNet18_Weights, resnet18
-
-        if len(input_shape) != 3:
-            raise CLBenchError(f"backbone=resnet18 needs image input (C, H, W), got shape {tuple(input_shape)}")
-        mode = str(small_input).lower()
-        if mode not in ("auto", "true", "false"):
-            raise CLBenchError(f"backbone.small_input must be auto, true or false, got {small_input!r}")
-        small = min(input_shape[1:]) <= 64 if mode == "auto" else mode == "true"
-        net = resnet18(weights=None)
-        if pretrained:
-            net.load_state_dict(cached_torchvision_weights(ResNet18_Weights.IMAGENET1K_V1))
-        if small:
-            net.conv1 = nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
-        elif input_shape[0] != 3:
-            net.conv1 = nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False)
-        self.small_input = small
-        self.feature_dim = net.fc.in_features
-        net.fc = nn.Identity()
-        self.body = net
-        self.head = nn.Linear(self.feature_dim, num_outputs)
-        self.last_relu = True
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.last_relu:
-            return self.body(x)
-        return self.feature_maps(x)[-1]
-
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """layer1..layer4's output maps (B, C, H, W), then features(x) (pooled, B x 512)."""
-        net = self.body
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        maps = []
-        for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
-            if i == 3 and not self.last_relu:
-                for block in layer[:-1]:
-                    x = block(x)
-                x = _block_without_relu(layer[-1], x)
-            else:
-                x = layer(x)
-            maps.append(x)
-        return [*maps, torch.flatten(net.avgpool(x), 1)]
-
-    def set_last_relu(self, on: bool) -> None:
-        self.last_relu = on
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def __init__(self, input_shape: tuple, num_outputs: int, small_input: str = "auto",
+                 pretrained: PretrainedOption = False, weights: Optional[str] = None) -> None:
+        super().__init__(input_shape, num_outputs, "resnet18", "ResNet18_Weights", "resnet18", "ResNet-18",
+                         small_input, pretrained, weights)
