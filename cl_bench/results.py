@@ -109,11 +109,20 @@ def markdown_report(summary: dict, R: np.ndarray, R_task_aware: Optional[np.ndar
     logs = summary.get("train_log") or []
     if any("parameters_total" in (log.get("strategy") or {}) for log in logs):
         # model size per task (growth and masks are the price of parameter-isolation methods)
-        out.write("\n## Model size after each task\n\n| task | parameters | used by the task | mask bytes |\n|---|---|---|---|\n")
+        # and, where a strategy reports it, the storage each task adds (Piggyback's count: masks at 1 bit a weight)
+        storage = any("storage_bytes_per_task" in (log.get("strategy") or {}) for log in logs)
+        out.write("\n## Model size after each task\n\n| task | parameters | used by the task | mask bytes |"
+                  + (" bytes the task added | vs a float32 copy |" if storage else "") + "\n"
+                  + "|---" * (6 if storage else 4) + "|\n")
         for i, log in enumerate(logs):
             info = log.get("strategy") or {}
             per_task = info.get("parameters_per_task") or ["n/a"]
-            out.write(f"| {i} | {info.get('parameters_total', log.get('parameters'))} | {per_task[-1]} | {info.get('mask_bytes', 0)} |\n")
+            row = f"| {i} | {info.get('parameters_total', log.get('parameters'))} | {per_task[-1]} | {info.get('mask_bytes', 0)} |"
+            if storage:
+                added = info.get("storage_bytes_per_task") or ["n/a"]
+                ratio = info.get("storage_vs_copy_per_task") or ["n/a"]
+                row += f" {added[-1]} | {ratio[-1]} |"
+            out.write(row + "\n")
     return out.getvalue()
 
 
