@@ -5,6 +5,9 @@
   `batches.meta`; `train`, `test`, `meta`), rows of 3,072 bytes (R, G, B planes).
 - SVHN: MATLAB `.mat` files with `X` (32, 32, 3, N) and `y` (N, 1), digit 0 stored as 10.
 - ImageNet: `train/<wnid>/*.JPEG` and `val/<wnid>/*` folders of JPEG and PNG files.
+- CUB-200-2011, Stanford Cars, Flowers-102: tests/real_format_finegrained.py (their list files and
+  .mat annotations, as the official archives / torchvision lay them out).
+- WikiArt, Sketch, MIT Indoor, VOC 2012, Places365: tests/real_format_scenes.py.
 
 `prepare(dataset, folder)` fills `folder` for one config of conf/dataset/ and returns
 the command-line overrides that point the config at it (empty for offline streams).
@@ -135,7 +138,14 @@ ONE_THREAD = "device.num_threads=1"
 
 def prepare(dataset: str, folder: Path) -> list[str]:
     """Write `dataset`'s files into `folder`; the overrides that run its config on them."""
+    from tests.real_format_finegrained import prepare as prepare_finegrained
+    from tests.real_format_scenes import prepare as prepare_scenes
+
     folder = Path(folder)
+    for other in (prepare_finegrained, prepare_scenes):  # cub200, stanford_cars, flowers102; wikiart, sketch, ...
+        overrides = other(dataset, folder)
+        if overrides is not None:
+            return overrides
     if dataset in ("split_mnist", "permuted_mnist", "rotated_mnist"):
         train, test = per_class(*mnist_digits(), n_train=20, n_test=5)
         write_mnist(folder, train, test)
