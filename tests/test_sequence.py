@@ -117,3 +117,10 @@ def test_isolation_keeps_the_first_dataset_exactly_on_a_batchnorm_backbone(strat
     R = np.asarray(s["accuracy_matrix"])
     assert R[1, 0] == R[0, 0], R
     assert R[0, 0] > 0.2  # learned something: ten classes, chance 0.1
+
+
+def test_a_missing_component_names_its_options_under_components(tmp_path):
+    with pytest.raises(CLBenchError, match=r"dataset\.components\.cub200\.root") as info:
+        dataset_sequence(tasks=["split_digits", {"name": "cub200", "root": str(tmp_path), "download": False}],
+                         image_size=16)
+    assert "\n" not in str(info.value) and "dataset=cub200" in str(info.value)

@@ -40,6 +40,7 @@ so a sequence larger than RAM is read from disk batch by batch (see `data/images
 from __future__ import annotations
 
 import inspect
+import re
 from importlib.resources import files
 from typing import Any, Mapping, Optional, Sequence
 
@@ -93,7 +94,10 @@ def _load_component(name: str, node, user_keys: set, index: int, seed: int, shar
     for key, value in shared.items():
         if value is not None and key in params and key not in user_keys:
             node[key] = value
-    stream = build(node, where, scenario="class_il", seed=seed)
+    try:
+        stream = build(node, where, scenario="class_il", seed=seed)
+    except CLBenchError as exc:  # the loader names its options as dataset.<key>: here they sit under components
+        raise CLBenchError(re.sub(r"\bdataset\.(?=[a-z_])", f"dataset.components.{name}.", str(exc))) from None
     if len(stream.tasks) != 1:
         raise CLBenchError(f"{where} built {len(stream.tasks)} tasks with num_tasks=1; a sequence needs one task per dataset")
     return stream
