@@ -807,6 +807,10 @@ def against(records: list[RunRecord], name: str) -> list[dict]:
             options = [(len(_protocol_differences(members[0], row)), i, row) for i, row in enumerate(candidates)
                        if row["metric"] == metric and dataset in (None, row["dataset"])]
             _, _, row = min(options)
+            # the row's protocol keys whose values tell it from the table's other rows of this metric (e.g. a buffer size)
+            alike = [c for c in candidates if c["metric"] == metric and dataset in (None, c["dataset"])]
+            varying = [k for k in _overrides(row)
+                       if len({json.dumps(_overrides(c).get(k), default=str) for c in alike}) > 1]
             values = [v for v in (_paper_metric(r.summary, metric, dataset) for r in members) if v is not None]
             if not values:
                 continue
@@ -814,7 +818,7 @@ def against(records: list[RunRecord], name: str) -> list[dict]:
             std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             out.append({
                 "method": strategy, "scenario": scenario, "metric": metric if dataset is None else f"{metric} {dataset}",
-                "n": len(values),
+                "n": len(values), "setting": " ".join(f"{k}={_overrides(row)[k]}" for k in varying),
                 "ours": mean, "ours_std": std, "paper": row["value"], "paper_spread": row["spread"],
                 "difference": mean - row["value"], "differences": _protocol_differences(members[0], row),
                 "verified": row["verified"], "source": f"{row['paper']}, {row['table']}",
@@ -833,13 +837,16 @@ def print_against(rows: list[dict], name: str, console: Any) -> None:
         return
     sources = sorted({r["source"] for r in rows})
     table = Table(title=f"against {name}: {'; '.join(sources)} (%)", title_justify="left")
-    for column in ("method", "scenario", "metric", "ours", "paper", "ours - paper", "protocol"):
+    with_setting = any(r.get("setting") for r in rows)
+    for column in ("method", "scenario", *(("paper row",) if with_setting else ()), "metric", "ours", "paper",
+                   "ours - paper", "protocol"):
         table.add_column(column)
     for r in rows:
         ours = f"{r['ours']:.2f}" + ("" if math.isnan(r["ours_std"]) else f" ± {r['ours_std']:.2f}") + f" (n={r['n']})"
         paper = f"{r['paper']:.2f}" + ("" if r["paper_spread"] is None else f" ({r['paper_spread']:.2f})")
         protocol = "same" if not r["differences"] else "DIFFERS: " + "; ".join(r["differences"])
-        table.add_row(r["method"], r["scenario"], r["metric"], ours, paper + ("" if r["verified"] else " *"),
+        table.add_row(r["method"], r["scenario"], *((escape(r.get("setting") or "-"),) if with_setting else ()),
+                      r["metric"], ours, paper + ("" if r["verified"] else " *"),
                       f"{r['difference']:+.2f}", escape(protocol))
     print_table(console, table)
     if not all(r["verified"] for r in rows):

@@ -1,9 +1,23 @@
 """Reproduce the Split MNIST comparison of van de Ven & Tolias, "Three scenarios for
 continual learning" (arXiv:1904.07734, 2019), Table 4, with clbench's strategies.
 
+The protocol lives in the named experiments, one per column of the table:
+`vandeven2019_split_mnist` (Task-IL), `vandeven2019_split_mnist_domain_il` and
+`vandeven2019_split_mnist_class_il` (conf/experiment/), with each method's paper values in
+conf/experiment_method/<experiment>/<strategy>.yaml. This script only builds and runs the
+`clbench run -m experiment=... strategy=... seed=...` command lines (printed before they run)
+and prints the runs beside the paper's table (`clbench report RUNS --against vandeven2019`):
+
+    clbench run -m experiment=vandeven2019_split_mnist strategy=finetune,ewc,online_ewc,si,lwf seed=0
+    clbench run -m experiment=vandeven2019_split_mnist strategy=joint seed=0
+    clbench report multirun/... --against vandeven2019
+
+What the script adds to those experiments: the epochs of another dataset or --iters (below),
+`dataset.class_order=random` for the seeds other than 0, and VCL's sample counts.
+
 Protocol of the paper (Sec. 4) and of the authors' code at the paper's time
 (GMvandeVen/continual-learning, main.py / continual_learner.py at commit 9945f84), item
-by item, and how this script follows it:
+by item, and how the experiments follow it:
 
 - data: 5 tasks of 2 digits; seed 0 keeps the natural class order (0,1) (2,3) ...,
   every other seed a random permutation of the labels (their `exception=(seed == 0)`):
@@ -21,7 +35,8 @@ by item, and how this script follows it:
   would inflate every baseline.
 - 2,000 iterations of mini-batches of 128 per task. clbench trains in epochs: the
   iterations become round(iters / ceil(samples per task / batch)) epochs, which keeps
-  the number of optimizer steps (printed); `joint` (their offline upper bound) trains
+  the number of optimizer steps (printed): 21 on split_mnist (the experiments' value),
+  333 on split_mnist5k (computed here); `joint` (their offline upper bound) trains
   task t on the union of tasks 0..t and its epochs are scaled by 2 / (T + 1) so that
   its total number of steps equals the others' (theirs: `iters` steps on every task).
 - EWC / online EWC: the Fisher on the task's whole training set with the model's
@@ -29,7 +44,7 @@ by item, and how this script follows it:
   strengths (param_values.py at that commit); SI: c and xi = 0.1 (their omega is not
   clamped at zero, clbench's is); LwF: T = 2 and their weighting (1/t) L_new +
   (1 - 1/t) L_distill (`strategy.weighting=task_ratio`). MAS, RWalk, VCL and AGS-CL are
-  not in the paper (empty paper column) and run with their clbench defaults.
+  not in the paper (no paper row) and run with their clbench defaults.
 
 Whether a paper's strength transfers is checked, not assumed: for each method with a
 paper value the script prints its gain over fine-tuning next to the paper's and the
@@ -47,82 +62,34 @@ MNIST: +11.5 and +11.9), with seed 2 at or below fine-tuning, and EWC's Domain-I
     python scripts/reproduce_split_mnist.py                          # offline: split_mnist5k
     python scripts/reproduce_split_mnist.py --dataset split_mnist    # full MNIST (when installed)
     python scripts/reproduce_split_mnist.py --iters 500 --vcl-train-samples 2   # a reduced run
+    python scripts/reproduce_split_mnist.py --runs runs/vdv dataset.max_train_per_class=50  # extra overrides
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+import cl_bench
 import cl_bench.config  # noqa: F401  (registers the schema)
+from cl_bench import CLBenchError
 from cl_bench.config import build
+from cl_bench.report import against, find_runs, print_against
 
-try:
-    from scripts.reproduce_progress import RunsProgress
-except ImportError:  # run as python scripts/reproduce_split_mnist.py: this folder is on sys.path
-    from reproduce_progress import RunsProgress
-
+PAPER_TABLE = "vandeven2019"
+# One named experiment per column of the paper's Table 4 (conf/experiment/).
+EXPERIMENTS = {"task_il": "vandeven2019_split_mnist", "domain_il": "vandeven2019_split_mnist_domain_il",
+               "class_il": "vandeven2019_split_mnist_class_il"}
 SCENARIOS = {"task_il": "Task-IL", "domain_il": "Domain-IL", "class_il": "Class-IL"}
-# van de Ven & Tolias (2019), arXiv:1904.07734, Table 4 (split MNIST): mean (SEM) over 20 seeds,
-# from the data file cl_bench/paper_tables/vandeven2019.csv (transcribed; see its header), also
-# used by `clbench report PATH --against vandeven2019`. Methods the paper does not have: None.
-PAPER_LABELS = {"finetune": "None - lower bound", "joint": "Offline - upper bound", "ewc": "EWC",
-                "online_ewc": "Online EWC", "si": "SI", "lwf": "LwF", "mas": "MAS", "rwalk": "RWalk",
-                "vcl": "VCL", "ags_cl": "AGS-CL"}
-
-
-def _paper() -> dict:
-    from cl_bench import paper_tables
-
-    cells = {(r["method"], r["scenario"]): (r["value"], r["spread"]) for r in paper_tables.load("vandeven2019")}
-    return {m: (label, *(cells.get((m, sc)) for sc in ("task_il", "domain_il", "class_il")))
-            for m, label in PAPER_LABELS.items()}
-
-
-PAPER = _paper()
-# The authors' grid-searched strengths for split MNIST in the code of this paper's time
-# (GMvandeVen/continual-learning, param_values.py as of Dec 2019, commit 9945f84; the repository's
-# current values belong to their 2022 follow-up and a changed Fisher estimate).
-EWC_LAMBDA = {"task_il": 1e7, "domain_il": 1e6, "class_il": 1e8}
-# Online EWC: (lambda, gamma). Their penalty multiplies the running Fisher by gamma once more
-# (0.5 * lambda * gamma * F*, with F* <- F_t + gamma F*), so clbench's strength is lambda * gamma.
-ONLINE_EWC = {"task_il": (1e8, 0.8), "domain_il": (1e8, 0.7), "class_il": (1e9, 0.8)}
-SI_C = {"task_il": 50.0, "domain_il": 500.0, "class_il": 0.5}
-
-
-# Their Fisher: the whole training set of the task, the model's predicted (argmax) label.
-FISHER = ["strategy.fisher=predicted", "strategy.fisher_samples=0"]
-
-
-def paper_strength(method: str, scenario: str) -> str:
-    if method == "ewc":
-        return f"lambda={EWC_LAMBDA[scenario]:g}"
-    if method == "online_ewc":
-        return "lambda={:g}, gamma={:g}".format(*ONLINE_EWC[scenario])
-    if method == "si":
-        return f"c={SI_C[scenario]:g}"
-    return ""
-
-
-def strategy_overrides(method: str, scenario: str, args) -> list[str]:
-    if method == "ewc":
-        return [f"strategy.ewc_lambda={EWC_LAMBDA[scenario]}", *FISHER]
-    if method == "online_ewc":
-        strength, gamma = ONLINE_EWC[scenario]
-        return [f"strategy.ewc_lambda={strength * gamma}", f"strategy.gamma={gamma}", *FISHER]
-    if method == "si":
-        return [f"strategy.c={SI_C[scenario]}", "strategy.xi=0.1"]
-    if method == "lwf":
-        return ["strategy.temperature=2.0", "strategy.alpha=1.0", "strategy.weighting=task_ratio"]
-    if method == "vcl":
-        return [f"strategy.train_samples={args.vcl_train_samples}", f"strategy.test_samples={args.vcl_test_samples}"]
-    return []
+METHODS = ("finetune", "joint", "ewc", "online_ewc", "si", "lwf", "mas", "rwalk", "vcl", "ags_cl")
+# The values of the experiment_method files that the transfer check names (for the printout only).
+STRENGTH_KEYS = {"ewc": ("ewc_lambda",), "online_ewc": ("ewc_lambda", "gamma"), "si": ("c",)}
 
 
 def cache_mnist5k() -> None:
@@ -131,48 +98,87 @@ def cache_mnist5k() -> None:
 
     import cl_bench.data.mnist5k as mnist5k
 
-    mnist5k.load_mnist5k_arrays = functools.lru_cache(maxsize=1)(mnist5k.load_mnist5k_arrays)
+    if not hasattr(mnist5k.load_mnist5k_arrays, "cache_info"):
+        mnist5k.load_mnist5k_arrays = functools.lru_cache(maxsize=1)(mnist5k.load_mnist5k_arrays)
 
 
-def steps_per_epoch(n: int, batch: int) -> int:
-    return -(-n // batch)
+def merged(ours: list[str], theirs: list[str]) -> list[str]:
+    """`ours` without the keys the user's own overrides (`theirs`) set, then `theirs`."""
+    keys = {o.partition("=")[0].lstrip("+~") for o in theirs}
+    return [o for o in ours if o.partition("=")[0].lstrip("+~") not in keys] + theirs
 
 
-def samples_per_task(dataset: str) -> int:
+def epochs_per_task(iters: int, samples_per_task: int, batch: int, num_tasks: int) -> tuple[int, int]:
+    """(epochs of every method, joint's epochs) that keep `iters` optimizer steps per task:
+    round(iters / ceil(samples per task / batch)), and for joint (which trains task t on tasks
+    0..t, their offline run `iters` steps on every task) that times 2 / (T + 1)."""
+    epochs = max(1, round(iters / -(-samples_per_task // batch)))
+    return epochs, max(1, round(epochs * 2 / (num_tasks + 1)))
+
+
+def epochs_for(iters: int, experiment: str, data: list[str]) -> tuple[int, int]:
+    """`epochs_per_task` on the data and batch size the overrides `data` choose (mean samples per task)."""
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"dataset={dataset}"])
+        cfg = compose("config", overrides=[f"experiment={experiment}", *data])
     stream = build(cfg.dataset, "dataset", scenario="task_il", seed=0)
-    return round(sum(len(t.train) for t in stream.tasks) / len(stream))
+    n, batch = round(sum(len(t.train) for t in stream.tasks) / len(stream)), cfg.train.batch_size
+    epochs, joint = epochs_per_task(iters, n, batch, len(stream))
+    print(f"{cfg.dataset._target_.rsplit('.', 1)[-1]}: ~{n} training samples per task; {iters} iterations x "
+          f"{batch} per task = {epochs} epochs per task ({epochs * -(-n // batch)} steps; joint: {joint} epochs "
+          "per task, same total steps)", flush=True)
+    return epochs, joint
 
 
-def run_one(method: str, scenario: str, epochs: int, seed: int, args, folder: Path, runs: RunsProgress) -> dict:
-    overrides = [
-        f"dataset={args.dataset}",
-        "backbone.hidden_sizes=[400,400]",
-        f"strategy={method}",
-        f"scenario={scenario}",
-        "train.optimizer=adam",
-        f"train.lr={args.lr}",
-        # one Adam for all tasks, created once (the authors' code); clbench's default resets it per task
-        f"train.reset_optimizer={str(args.reset_optimizer).lower()}",
-        # seed 0: natural class order; other seeds: a random label permutation (their exception=(seed==0))
-        f"dataset.class_order={'natural' if seed == 0 else 'random'}",
-        # class-IL: losses, Fisher and predictions over the classes seen so far, as in the authors' code
-        "train.active_classes=true",
-        f"train.batch_size={args.batch}",
-        f"train.epochs={epochs}",
-        f"seed={seed}",
-        "checkpoint=false",
-        f"device.name={args.device}",
-        f"device.num_threads={args.threads}",
-        *strategy_overrides(method, scenario, args),
-    ]
-    with initialize_config_module("cl_bench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return runs.run(cfg, folder / f"{method}-{scenario}-{seed}", f"{method} · {scenario} · seed {seed}")
+def sweeps(methods: list[str], scenarios: list[str], seeds: list[int], epochs: int, joint_epochs: int,
+           common: list[str], args) -> list[list[str]]:
+    """The `clbench run -m` command lines (without `clbench run`) of the whole reproduction: per
+    scenario's experiment, one sweep per group of methods that share their overrides (joint's epochs,
+    VCL's samples) and per class order (seed 0 natural, the others random)."""
+    groups: dict[tuple, list[str]] = {}
+    for m in methods:
+        extra = [f"train.epochs={joint_epochs if m == 'joint' else epochs}"]
+        if m == "vcl":
+            extra += [f"strategy.{k}={v}" for k, v in (("train_samples", args.vcl_train_samples),
+                                                       ("test_samples", args.vcl_test_samples)) if v is not None]
+        groups.setdefault(tuple(extra), []).append(m)
+    orders = [([0], "natural")] if 0 in seeds else []
+    if [s for s in seeds if s != 0]:
+        orders.append(([s for s in seeds if s != 0], "random"))
+    lines = []
+    for scenario in scenarios:
+        for seed_list, order in orders:
+            for extra, group in groups.items():
+                folder = Path(args.runs) / scenario / f"{'-'.join(group)}_seed{'-'.join(map(str, seed_list))}"
+                ours = [f"experiment={EXPERIMENTS[scenario]}", f"seed={','.join(map(str, seed_list))}",
+                        f"strategy={','.join(group)}", *([] if order == "natural" else ["dataset.class_order=random"]),
+                        *extra, *common, f"hydra.sweep.dir={folder}"]
+                lines.append(["-m", *merged(ours, args.overrides)])
+    return lines
+
+
+def run_sweeps(lines: list[list[str]]) -> None:
+    """Run each sweep through the CLI's code path; a failed run is recorded in its folder
+    (failed.json, listed by `clbench report`) and left out of the tables."""
+    for line in lines:
+        print("\n$ clbench run " + " ".join(shlex.quote(a) for a in line), flush=True)
+        try:
+            cl_bench.run(overrides=line[1:], multirun=True)
+        except CLBenchError as exc:
+            print(f"FAILED: {exc}", flush=True)
+
+
+def collect(runs: Path) -> dict:
+    """{strategy: {scenario: [metrics.json content, ...]}} of the completed runs under `runs`."""
+    out: dict = {}
+    for record in find_runs(runs):
+        if record.status == "completed":
+            s = record.summary
+            out.setdefault(s["strategy"], {}).setdefault(s["scenario"], []).append(s)
+    return out
 
 
 def fmt(values: list[float]) -> str:
+    """Mean (± SEM over seeds, as the paper), in %."""
     if not values:
         return "-"
     mean = 100 * sum(values) / len(values)
@@ -182,126 +188,127 @@ def fmt(values: list[float]) -> str:
     return f"{mean:6.2f} (±{sem:.2f})"
 
 
-def paper_cell(entry) -> str:
-    return "-" if entry is None else f"{entry[0]:.2f} (±{entry[1]:.2f})"
+def paper_gains() -> dict:
+    """{(method, scenario): paper ACC minus the paper's fine-tuning ACC} from the paper table."""
+    from cl_bench import paper_tables
+
+    acc = {(r["method"], r["scenario"]): r["value"] for r in paper_tables.load(PAPER_TABLE) if r["metric"] == "acc"}
+    return {(m, sc): v - acc[("finetune", sc)] for (m, sc), v in acc.items() if ("finetune", sc) in acc}
 
 
 def print_transfer_check(results: dict, methods: list[str], scenarios: list[str], dataset: str) -> None:
     """Say plainly, per method with a published strength, whether that strength transfers here."""
-    lines = []
+    gains, lines = paper_gains(), []
     for method in methods:
-        paper = PAPER.get(method)
-        if method in ("finetune", "joint") or paper is None or paper[1] is None or method not in results:
+        if method in ("finetune", "joint") or method not in results or "finetune" not in results:
             continue
         for sc in scenarios:
             mine, base = results[method].get(sc), results["finetune"].get(sc)
-            if not mine or not base:
+            if not mine or not base or (method, sc) not in gains:
                 continue
-            col = list(SCENARIOS).index(sc)
-            paper_gain = paper[1 + col][0] - PAPER["finetune"][1 + col][0]
-            gain = 100 * (sum(r["acc"] for r in mine) / len(mine) - sum(r["acc"] for r in base) / len(base))
-            imp = [v for r in mine for v in r["importance_max"] if v is not None]
+            paper_gain = gains[(method, sc)]
+            gain = 100 * (sum(s["metrics"]["acc"] for s in mine) / len(mine)
+                          - sum(s["metrics"]["acc"] for s in base) / len(base))
+            imp = [log["strategy"].get("importance_max") for s in mine for log in s["train_log"]]
+            imp = [v for v in imp if v is not None]
             size = f"; max importance after the tasks {min(imp):.2g}..{max(imp):.2g}" if imp else ""
+            strength = ", ".join(f"{k}={mine[0]['config']['strategy'][k]:g}" for k in STRENGTH_KEYS.get(method, ()))
             if paper_gain <= 2:
                 verdict = "the paper's gain is within its noise: nothing to check"
             elif gain < paper_gain / 2:
                 verdict = "does NOT transfer to this data: tune the strength here (scripts/sweep_defaults.py)"
             else:
                 verdict = "transfers"
-            lines.append(
-                f"  {paper[0]:10s} {SCENARIOS[sc]:9s} ({paper_strength(method, sc) or 'paper settings'}): "
-                f"gain over None {gain:+6.2f} (paper {paper_gain:+6.2f}){size} -> {verdict}"
-            )
+            lines.append(f"  {method:10s} {SCENARIOS[sc]:9s} ({strength or 'paper settings'}): gain over finetune "
+                         f"{gain:+6.2f} (paper {paper_gain:+6.2f}){size} -> {verdict}")
     if lines:
         print(f"\nDo the paper's hyperparameters transfer to {dataset}? (gain = ACC minus fine-tuning's ACC, points)")
         print("\n".join(lines))
 
 
+def print_results(results: dict, methods: list[str], scenarios: list[str], seeds: list[int]) -> None:
+    header = f"{'Method':12s}" + "".join(f" | {SCENARIOS[sc]:>17s}" for sc in scenarios)
+    print("\nAverage test accuracy (%) over all tasks after the last one"
+          + (" (mean ± SEM over seeds)" if len(seeds) > 1 else ""))
+    print(header)
+    print("-" * len(header))
+    for method in methods:
+        print(f"{method:12s}" + "".join(
+            f" | {fmt([s['metrics']['acc'] for s in results.get(method, {}).get(sc, [])]):>17s}" for sc in scenarios))
+    if "finetune" in results:
+        print("\nTraining time relative to finetune (same scenario, same protocol):")
+        for method in methods:
+            ratios = []
+            for sc in scenarios:
+                base, mine = results["finetune"].get(sc), results.get(method, {}).get(sc)
+                if base and mine:
+                    ratios.append(sum(sum(s["timing"]["train_s"]) for s in mine)
+                                  / sum(sum(s["timing"]["train_s"]) for s in base))
+            if ratios:
+                print(f"  {method:10s} x{sum(ratios) / len(ratios):5.2f}")
+
+
+def json_row(s: dict) -> dict:
+    """One run in the --json file."""
+    logs = [log["strategy"] for log in s["train_log"]]
+    return {"seed": s["config"]["seed"], "acc": s["metrics"]["acc"], "bwt": s["metrics"]["bwt"],
+            "train_s": sum(s["timing"]["train_s"]),
+            # lambda * max importance after each task (None for non-penalty methods)
+            "penalty_curvature_max": [v for v in (g.get("penalty_curvature_max") for g in logs) if v is not None],
+            "importance_max": [g.get("importance_max") for g in logs]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="split_mnist5k", help="split_mnist5k (offline) or split_mnist")
-    p.add_argument("--methods", default=",".join(PAPER), help="comma-separated strategy names")
+    p.add_argument("--dataset", default="split_mnist5k",
+                   help="split_mnist5k (offline, the default here) or split_mnist (the paper's and the experiments')")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated strategy names")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--iters", type=int, default=2000, help="iterations per task (paper: 2000)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", default="0", help="comma-separated seeds (paper: 20)")
-    p.add_argument("--vcl-train-samples", type=int, default=10)
-    p.add_argument("--vcl-test-samples", type=int, default=100)
+    p.add_argument("--vcl-train-samples", type=int, default=None, help="VCL's strategy.train_samples (default: 10)")
+    p.add_argument("--vcl-test-samples", type=int, default=None, help="VCL's strategy.test_samples (default: 100)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="", help="folder for the runs (default: a new temporary folder); "
+                   "run again on the same folder to continue where it stopped")
     p.add_argument("--json", default="", help="write all results to this JSON file")
     p.add_argument(
         "--reset-optimizer", action="store_true",
         help="a fresh Adam per task (NOT the paper's protocol; to measure how much it inflates baselines)",
     )
+    p.add_argument("overrides", nargs="*", help="extra clbench overrides for every run, e.g. dataset.root=DIR")
     args = p.parse_args(argv)
 
     cache_mnist5k()
     methods, scenarios = args.methods.split(","), args.scenarios.split(",")
+    unknown = [s for s in scenarios if s not in EXPERIMENTS]
+    if unknown:
+        raise CLBenchError(f"unknown scenario {unknown[0]!r}; choose among {', '.join(EXPERIMENTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    n = samples_per_task(args.dataset)
-    epochs = max(1, round(args.iters / steps_per_epoch(n, args.batch)))
-    joint_epochs = max(1, round(epochs * 2 / 6))
-    print(
-        f"{args.dataset}: ~{n} training samples per task; {args.iters} iterations x {args.batch} per task "
-        f"= {epochs} epochs per task ({epochs * steps_per_epoch(n, args.batch)} steps; joint: {joint_epochs} "
-        f"epochs per task, same total steps); {'a fresh Adam per task (NOT the paper)' if args.reset_optimizer else 'one Adam for all tasks'}, "
-        f"lr {args.lr}; MLP 2x400; seeds {seeds}",
-        flush=True,
-    )
-    results: dict = {}
-    folder = Path(tempfile.mkdtemp(prefix="reproduce_split_mnist_"))
-    with RunsProgress(len(methods) * len(scenarios) * len(seeds)) as runs:
-        for method in methods:
-            for scenario in scenarios:
-                for seed in seeds:
-                    t0 = time.perf_counter()
-                    n_epochs = joint_epochs if method == "joint" else epochs
-                    s = run_one(method, scenario, n_epochs, seed, args, folder, runs)
-                    penalty = [log["strategy"].get("penalty_curvature_max") for log in s["train_log"]]
-                    results.setdefault(method, {}).setdefault(scenario, []).append(
-                        {
-                            "acc": s["metrics"]["acc"],
-                            "bwt": s["metrics"]["bwt"],
-                            "train_s": sum(s["timing"]["train_s"]),
-                            # lambda * max importance after each task (None for non-penalty methods)
-                            "penalty_curvature_max": [v for v in penalty if v is not None],
-                            "importance_max": [log["strategy"].get("importance_max") for log in s["train_log"]],
-                        }
-                    )
-                    print(
-                        f"  {method:10s} {scenario:9s} seed {seed}: ACC {100 * s['metrics']['acc']:6.2f}  "
-                        f"BWT {100 * s['metrics']['bwt']:7.2f}  train {sum(s['timing']['train_s']):7.1f}s  "
-                        f"({time.perf_counter() - t0:.0f}s)",
-                        flush=True,
-                    )
+    args.runs = args.runs or tempfile.mkdtemp(prefix="reproduce_split_mnist_")
+    # the epochs on the data and batch size of the runs (the user's overrides included)
+    data = merged([f"dataset={args.dataset}"], [o for o in args.overrides if not o.startswith("hydra.")])
+    epochs, joint_epochs = epochs_for(args.iters, EXPERIMENTS[scenarios[0]], data)
+    common = [f"dataset={args.dataset}", "checkpoint=false", f"device.name={args.device}",
+              f"device.num_threads={args.threads}",
+              *(["train.reset_optimizer=true"] if args.reset_optimizer else [])]
+    print(f"{'a fresh Adam per task (NOT the paper)' if args.reset_optimizer else 'one Adam for all tasks'}; "
+          f"seeds {seeds}; runs in {args.runs}", flush=True)
+    run_sweeps(sweeps(methods, scenarios, seeds, epochs, joint_epochs, common, args))
 
-    header = f"{'Method':24s}" + "".join(f" | {SCENARIOS[sc] + ' ours':>17s} | {'paper':>15s}" for sc in scenarios)
-    print("\nAverage test accuracy (%) over all tasks after the last one" + (" (mean ± SEM over seeds)" if len(seeds) > 1 else ""))
-    print(header)
-    print("-" * len(header))
-    for method in methods:
-        label, *paper = PAPER.get(method, (method, None, None, None))
-        row = f"{label:24s}"
-        for sc in scenarios:
-            ours = [r["acc"] for r in results.get(method, {}).get(sc, [])]
-            row += f" | {fmt(ours):>17s} | {paper_cell(paper[list(SCENARIOS).index(sc)]):>15s}"
-        print(row)
-    if "finetune" in results:
-        print_transfer_check(results, methods, scenarios, args.dataset)
-        print("\nTraining time relative to finetune (same scenario, same protocol):")
-        for method in methods:
-            ratios = []
-            for sc in scenarios:
-                base = results["finetune"].get(sc)
-                mine = results.get(method, {}).get(sc)
-                if base and mine:
-                    ratios.append(sum(r["train_s"] for r in mine) / sum(r["train_s"] for r in base))
-            if ratios:
-                print(f"  {method:10s} x{sum(ratios) / len(ratios):5.2f}")
+    results = collect(Path(args.runs))
+    print_results(results, methods, scenarios, seeds)
+    print_transfer_check(results, methods, scenarios, args.dataset)
+    from rich.console import Console
+
+    print()
+    print_against(against(find_runs(Path(args.runs)), PAPER_TABLE), PAPER_TABLE, Console())
+    print(f"\nThe same table again: clbench report {args.runs} --against {PAPER_TABLE}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "epochs": epochs, "results": results}, indent=1))
+        table = {m: {sc: [json_row(s) for s in runs_] for sc, runs_ in by.items()} for m, by in results.items()}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "epochs": epochs, "joint_epochs": joint_epochs,
+                                               "results": table}, indent=1))
     return 0
 
 

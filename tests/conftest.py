@@ -78,6 +78,7 @@ FAST_TIER = (
     "tests/test_lucir.py::test_bad_hyperparameters_are_refused_naming_the_key",
     "tests/test_paper_tables.py::test_every_table_is_well_formed",
     "tests/test_paper_tables.py::test_an_unknown_table_is_refused_in_one_line",
+    "tests/test_reproduce_experiments.py::test_every_paper_row_asks_for_what_its_experiment_sets[vandeven2019]",
     "tests/test_paper_tables_more.py::test_table_parses_with_unique_keys_and_values_in_range",
     "tests/test_dgm_experiments.py::test_experiment_carries_the_authors_settings",
     "tests/test_pretrained_backbones.py::test_wrong_files_are_refused_in_one_line_naming_the_file_and_the_fault",
