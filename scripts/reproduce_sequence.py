@@ -72,6 +72,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from cl_bench import CLBenchError
     from cl_bench.report import dataset_rows, find_runs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1,2")
     args, extra = parser.parse_known_args(argv)
     methods, seeds, backbones = args.methods.split(","), args.seeds.split(","), args.backbones.split(",")
-    tables = {}
+    tables, failed = {}, []
     with tempfile.TemporaryDirectory() as tmp, RunsProgress(len(backbones) * len(methods) * len(seeds)) as runs:
         for backbone in backbones:
             for method in methods:
@@ -89,12 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
                                  f"seed={seed}", "checkpoint=false", "progress=false", *extra]
                     with initialize_config_module("cl_bench.conf", version_base="1.3"):
                         cfg = compose("config", overrides=overrides)
-                    runs.run(cfg, Path(tmp) / backbone / f"{method}-{seed}", f"{method} · {backbone} · seed {seed}")
+                    try:
+                        runs.run(cfg, Path(tmp) / backbone / f"{method}-{seed}", f"{method} · {backbone} · seed {seed}")
+                    except CLBenchError as exc:  # e.g. a diverged run: reported, never averaged in
+                        failed.append(f"{method} · {backbone} · seed {seed}: {exc}")
             rows = dataset_rows(find_runs(Path(tmp) / backbone))
             tables[backbone] = rows
             print(f"\n### {backbone}: {' -> '.join(rows[0]['datasets'])}, task-IL, accuracy after the last "
                   f"dataset (%), seeds {args.seeds}; protocol {' '.join(PROTOCOL[2:] + extra)}\n")
             print(table(rows, methods))
+        for line in failed:
+            print(f"\nFAILED (left out of the table): {line}")
     return tables
 
 
