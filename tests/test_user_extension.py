@@ -106,6 +106,16 @@ def test_own_method_dataset_backbone_from_a_non_editable_install(installed, tmp_
     assert labels == [("finetune", "blobs", "tiny"), ("finetune", "split_digits", "tiny"),
                       ("l2_anchor", "blobs", "tiny"), ("l2_anchor", "split_digits", "tiny")]
 
+    # the same sweep under clbench's fork launcher, installed as hydra_plugins.clbench_launcher: the same matrices
+    forked = work / "sweeps" / "forked"
+    done = subprocess.run([exe, *[a for a in sweep[1:] if not a.startswith("hydra.sweep.dir=")], "progress=false",
+                           "hydra/launcher=fork", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={forked}"],
+                          cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    again = {(r["strategy"], r["dataset"]): r["accuracy_matrix"]
+             for r in (json.loads(p.read_text()) for p in forked.glob("*/metrics.json"))}
+    assert again == {(r["strategy"], r["dataset"]): r["accuracy_matrix"] for r in runs}
+
     shown = subprocess.run([exe, *report[1:], "--format", "csv"], cwd=work, env=env, capture_output=True,
                            text=True)
     assert shown.returncode == 0, shown.stderr

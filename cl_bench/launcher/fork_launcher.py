@@ -1,7 +1,9 @@
-"""The fork launcher (see the package docstring)."""
+"""The fork launcher (see the package docstring).
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Hydra's plugin scan executes this module without
+registering it in sys.modules, and a dataclass with string annotations looks its module up there."""
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -27,8 +29,10 @@ class ForkLauncherConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="fork", node=ForkLauncherConf, provider="clbench")
 
-# What a forked worker needs, set by the parent just before it forks (inherited, never pickled).
-_STATE: dict[str, Any] = {}
+# What a forked worker needs, set by the parent just before it forks (inherited, never pickled). Kept
+# when Hydra's plugin scan executes this module again in the same module object (a worker's job can
+# trigger a rescan), so a worker's later jobs still find it.
+_STATE: dict[str, Any] = globals().get("_STATE", {})
 
 
 def workers(n_jobs: Optional[int], cores: int) -> int:
@@ -101,13 +105,15 @@ class ForkLauncher(Launcher):
         for i, overrides in enumerate(job_overrides):
             log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(overrides))}")
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        _STATE.update(hydra_context=self.hydra_context, config=self.config, task_function=self.task_function,
+        # the pool finds `_job` (and so `_STATE`) by name: use the module under that name
+        module = importlib.import_module(__name__)
+        module._STATE.update(hydra_context=self.hydra_context, config=self.config, task_function=self.task_function,
                       singletons=Singleton.get_state())
         if n < 2:  # nothing to run side by side: in this process, as the basic launcher would
-            return [_execute(*job) for job in jobs]
+            return [module._execute(*job) for job in jobs]
         _warm_imports()
         with multiprocessing.get_context("fork").Pool(n) as pool:
-            return list(pool.imap(_job, jobs, chunksize=1))
+            return list(pool.imap(module._job, jobs, chunksize=1))
 
 
 def register() -> None:
