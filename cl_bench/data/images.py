@@ -177,11 +177,13 @@ def image_stream(
     return with_augmentation(stream, augment, padding=padding if padding is not None else max(1, train.x.shape[-1] // 8))
 
 
-def normalisation(normalise: str, x: torch.Tensor) -> BatchTransform:
-    """`data`: the per-channel mean and std of uint8 images `x`; `imagenet`: torchvision's."""
+def normalisation(normalise: str, x: torch.Tensor | Sequence[torch.Tensor]) -> BatchTransform:
+    """`data`: the per-channel mean and std of uint8 images `x` (a tensor, or several taken together);
+    `imagenet`: torchvision's."""
     if normalise == "imagenet":
-        if x.shape[1] != 3:
-            raise CLBenchError(f"dataset.normalise=imagenet needs RGB images, these have {x.shape[1]} channel(s)")
+        channels = (x if isinstance(x, torch.Tensor) else x[0]).shape[1]
+        if channels != 3:
+            raise CLBenchError(f"dataset.normalise=imagenet needs RGB images, these have {channels} channel(s)")
         return BatchTransform(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if normalise == "data":
         return normalising_transform(x)

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench import CLBenchError
-from cl_bench.data.sources import normalising_transform, with_augmentation
-from cl_bench.data.stream import BatchTransform, Split, Stream, Task
+from cl_bench.data.sources import with_augmentation
+from cl_bench.data.stream import Split, Stream, Task
 
 # options of a component's loader that the sequence decides
 _FIXED = {"num_tasks": 1, "class_order": "natural", "first_task_classes": None, "val_fraction": 0.0}
@@ -133,7 +133,7 @@ def dataset_sequence(
     val_fraction: float = 0.0,
 ) -> Stream:
     """One task per dataset of `tasks` (see the module docstring)."""
-    from cl_bench.data.images import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
+    from cl_bench.data.images import NORMALISATIONS, normalisation
 
     if scenario == "domain_il":
         raise CLBenchError("dataset=sequence: the datasets of a sequence do not share labels, so domain_il has no "
@@ -155,9 +155,9 @@ def dataset_sequence(
         names.append(name)
         parts.append(stream.tasks[0])
     shapes = [tuple(p.train.x.shape[1:]) for p in parts]
-    size = image_size or max(max(s[1:]) for s in shapes if len(s) == 3) if all(len(s) == 3 for s in shapes) else None
-    if size is None:
+    if not all(len(s) == 3 for s in shapes):
         raise CLBenchError(f"dataset=sequence needs image datasets; the components give samples of shapes {shapes}")
+    size = image_size or max(max(s[1:]) for s in shapes)
     channels = channels or max(s[0] for s in shapes)
     if normalise == "imagenet" and channels != 3:
         raise CLBenchError(f"dataset.normalise=imagenet needs RGB images; set dataset.channels=3 (it is {channels})")
@@ -178,10 +178,7 @@ def dataset_sequence(
             val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
         out_tasks.append(Task(t, ids, ids, train, test, val, name=name))
         offset += k
-    if normalise == "imagenet":
-        transform = BatchTransform(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    else:
-        transform = normalising_transform([task.train.x for task in out_tasks])
+    transform = normalisation(normalise, [task.train.x for task in out_tasks])
     stream = Stream(
         name="sequence", tasks=out_tasks, scenario=scenario, num_classes=offset, num_outputs=offset,
         input_shape=(channels, size, size), transform=transform, class_order=list(range(offset)),

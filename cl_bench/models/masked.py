@@ -354,9 +354,10 @@ class FreezeGuard:
         return taken
 
 
-def head_rows_frozen(head: MaskedLayer, stream: Stream, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks of the head's weight and bias entries that do NOT belong to task `task_id`."""
-    rows = torch.ones(head.out_units, dtype=torch.bool, device=head.weight.device)
+def head_rows_frozen(head: nn.Module, stream: Stream, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the head's weight and bias entries that do NOT belong to task `task_id` (a MaskedLayer
+    or a plain nn.Linear head: one row per output)."""
+    rows = torch.ones(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
     rows[torch.tensor(stream.tasks[task_id].outputs, device=rows.device)] = False
     return rows[:, None].expand_as(head.weight), rows
 

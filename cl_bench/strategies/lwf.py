@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
-from cl_bench.models.masked import FreezeGuard, epochs
+from cl_bench.models.masked import FreezeGuard, epochs, head_rows_frozen
 from cl_bench.strategies.base import Batch, Strategy
 from cl_bench.strategies.distillation import kd_loss
 from cl_bench.strategies.importance import check_positive
@@ -139,9 +139,8 @@ class LwF(Strategy):
         """The paper's warm-up: the new task's head rows alone, the rest exactly fixed."""
         head = self.model.head
         guard = FreezeGuard()
-        rows = torch.ones(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
-        rows[torch.tensor(task.outputs, device=rows.device)] = False  # True: not this task's row
-        guard.freeze(head.weight, rows[:, None].expand_as(head.weight).clone())
+        weight_rows, rows = head_rows_frozen(head, self.stream, task.id)  # True: not this task's row
+        guard.freeze(head.weight, weight_rows)
         if head.bias is not None:
             guard.freeze(head.bias, rows)
         grads = {p: p.requires_grad for p in self.model.parameters()}
