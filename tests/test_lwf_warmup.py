@@ -47,3 +47,9 @@ def test_warm_up_zero_is_the_default_and_bad_values_are_refused(tmp_path):
     with pytest.raises(CLBenchError, match="domain_il"):
         Runner(compose_cfg("strategy=lwf", "strategy.warmup_epochs=1", "dataset=split_digits", "scenario=domain_il"),
                tmp_path).run()
+
+
+def test_a_diverged_warm_up_fails_naming_its_learning_rate(tmp_path):
+    with pytest.raises(CLBenchError, match="warm-up diverged in task 1.*strategy.warmup_lr"):
+        Runner(compose_cfg("strategy=lwf", "scenario=task_il", "strategy.warmup_epochs=2", "strategy.warmup_lr=1e12",
+                           "train.epochs=1", "dataset.max_train_per_class=10", "checkpoint=false"), tmp_path).run()

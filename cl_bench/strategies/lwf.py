@@ -57,6 +57,7 @@ only (a domain-IL head is shared, there is no new head to warm up).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
@@ -155,7 +156,8 @@ class LwF(Strategy):
                 group["lr"] = self.warmup_lr
         self.model.eval()
         data = self.training_data(task)
-        batches = -(-len(data) // self.train_cfg.batch_size) * self.warmup_epochs
+        per_epoch = -(-len(data) // self.train_cfg.batch_size)
+        batches, losses = per_epoch * self.warmup_epochs, []
         try:
             with self.progress("LwF warm-up (new head)", total=batches) as advance:
                 for x, y in epochs(data, self.stream, self.warmup_epochs, self.train_cfg.batch_size):
@@ -164,11 +166,19 @@ class LwF(Strategy):
                     optimizer.zero_grad(set_to_none=True)
                     self.backward(loss)
                     guard.step(optimizer, lambda: self.optimizer_step(optimizer))
+                    losses.append(loss.detach())
                     advance()
         finally:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
             self.model.train()
+        # the runner's divergence rule (train.max_loss) on the warm-up's last epoch, and finite weights
+        last = float(torch.stack(losses[-per_epoch:]).float().mean()) if losses else 0.0
+        bound = self.train_cfg.max_loss
+        if not (math.isfinite(last) and (bound <= 0 or last <= bound)) or not all(torch.isfinite(p).all() for p in params):
+            lr = self.warmup_lr if self.warmup_lr is not None else self.train_cfg.lr
+            raise CLBenchError(f"LwF's warm-up diverged in task {task.id} (last epoch's loss {last:.4g}); "
+                               f"lower strategy.warmup_lr (the warm-up ran at {lr})")
 
     def _new_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.active is not None:  # class-IL: only the classes seen so far compete
