@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cl_bench
 from cl_bench import CLBenchError
-from cl_bench.config import build, preflight
+from cl_bench.config import build, plain_train_config, preflight
 from cl_bench.data.stream import Stream
 from cl_bench.metrics import all_metrics
 from cl_bench.results import atomic_write_bytes, write_results
@@ -123,10 +123,17 @@ class DivergenceError(CLBenchError):
 def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
     """Names of `module`'s floating-point parameters and buffers holding NaN or inf.
 
-    One host sync for the whole module (a stacked flag), so it is cheap once per epoch.
+    One host sync for the whole module. The common case (all finite) is decided from each
+    tensor's sum, which is NaN or inf when any element is (and costs a twentieth of an
+    elementwise `isfinite`); only when a sum is not finite (a bad weight, or finite weights
+    large enough to overflow the sum) are the tensors checked element by element.
     """
     named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
     if not named:
+        return []
+    sums = torch.stack([t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                        for _, t in named])
+    if bool(torch.isfinite(sums).all()):
         return []
     flags = torch.stack([torch.isfinite(t).all() for _, t in named])
     if bool(flags.all()):
@@ -165,26 +172,38 @@ def evaluate(
     `split="val"` evaluates each task's validation split instead (for tuning).
     """
     strategy.set_training(False)
-    acc, acc_aware = np.zeros(len(stream)), np.zeros(len(stream))
+    device, aware_only = strategy.device, stream.task_id_at_test
+    counts = []  # per task: (correct, correct task-aware), on the device until one host sync at the end
     for task in stream.tasks:
-        outputs = torch.tensor(task.outputs, device=strategy.device)
-        correct = torch.zeros((), dtype=torch.long, device=strategy.device)
-        correct_aware = torch.zeros_like(correct)
-        task_id = task.id if stream.task_id_at_test else None
+        outs, lo = task.outputs, task.outputs[0]
+        # a task's outputs are usually a run of consecutive units: a slice instead of a gather
+        contiguous = list(outs) == list(range(lo, lo + len(outs)))
+        outputs = None if contiguous else torch.tensor(outs, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        correct_aware = correct if aware_only else torch.zeros_like(correct)
+        task_id = task.id if aware_only else None
         data = task.val if split == "val" else task.test
         for start in range(0, len(data), batch_size):
             # .to() is a no-op for data on the device; host-resident (pinned) data is copied per batch
-            x = stream.transform(data.x[start : start + batch_size].to(strategy.device, non_blocking=True))
-            y = data.y[start : start + batch_size].to(strategy.device, non_blocking=True)
+            x = stream.transform(data.x[start : start + batch_size].to(device, non_blocking=True))
+            y = data.y[start : start + batch_size].to(device, non_blocking=True)
             scores = strategy.predict(x, task_id)
             if strategy.inactive is not None:  # class-IL with train.active_classes
                 scores = scores.masked_fill(strategy.inactive, float("-inf"))
-            pred_aware = outputs[scores[:, outputs].argmax(1)]
-            pred = pred_aware if stream.task_id_at_test else scores.argmax(1)
-            correct += (pred == y).sum()
-            correct_aware += (pred_aware == y).sum()
-        acc[task.id] = correct.item() / len(data)
-        acc_aware[task.id] = correct_aware.item() / len(data)
+            if contiguous:
+                pred_aware = scores[:, lo : lo + len(outs)].argmax(1)
+                if lo:
+                    pred_aware += lo
+            else:
+                pred_aware = outputs[scores[:, outputs].argmax(1)]
+            correct_aware += (pred_aware == y).sum()  # task-IL: the scenario's accuracy is this one
+            if not aware_only:
+                correct += (scores.argmax(1) == y).sum()
+        counts.append(torch.stack([correct, correct_aware]))
+    counts = torch.stack(counts).tolist() if counts else []
+    sizes = [len(task.val if split == "val" else task.test) for task in stream.tasks]
+    acc = np.array([c / n for (c, _), n in zip(counts, sizes)], dtype=np.float64)
+    acc_aware = np.array([c / n for (_, c), n in zip(counts, sizes)], dtype=np.float64)
     return acc, acc_aware
 
 
@@ -309,7 +328,10 @@ class Runner:
         if cfg.device.channels_last and len(stream.input_shape) == 3:
             model = model.to(memory_format=torch.channels_last)
             self.stream.transform.memory_format = torch.channels_last
-        self.strategy.setup(model.to(self.device), self.stream, cfg.train, self.device)
+        # a plain snapshot of `train` for the loop and the strategies: reading a key of an OmegaConf node
+        # costs ~15 us, which the per-step paths (lr schedule, strategies' batch sizes) would pay every step
+        self.train_cfg = plain_train_config(cfg.train)
+        self.strategy.setup(model.to(self.device), self.stream, self.train_cfg, self.device)
         if str(cfg.train.precision) == "fp16":
             self.strategy.scaler = LossScaler()
         if cfg.train.compile:
@@ -484,7 +506,7 @@ class Runner:
         not finite. Weights are checked after a task's last epoch and after its end-of-task
         phase (a non-finite weight earlier makes the next epoch's loss non-finite anyway);
         the per-epoch check is the loss alone, one host sync."""
-        t = self.cfg.train
+        t = self.train_cfg
         bad = nonfinite_tensors(self.strategy.model) if weights else []
         loss_bad = loss is not None and not (math.isfinite(loss) and (t.max_loss <= 0 or loss <= t.max_loss))
         if not (loss_bad or bad):
@@ -502,7 +524,7 @@ class Runner:
 
     # ----- the loop --------------------------------------------------------------------
     def _train_task(self, task, progress_bar) -> dict:
-        strategy, cfg = self.strategy, self.cfg.train
+        strategy, cfg = self.strategy, self.train_cfg
         mid, self._resume_mid = getattr(self, "_resume_mid", None), None
         # On a mid-task resume the task start reruns from the boundary state first (see
         # the module docstring), then the snapshot goes on top.
@@ -561,12 +583,12 @@ class Runner:
 
     def _autocast(self):
         """torch.autocast for train.precision=bf16/fp16 (training steps and evaluation), else nothing."""
-        return precision_autocast(str(self.cfg.train.precision), self.device.type)
+        return precision_autocast(str(self.train_cfg.precision), self.device.type)
 
     def _train_epochs(self, task, data, bar, progress_bar, first_epoch, first_batch, order, steps, loss_sum,
                       epoch_loss):
         """The epochs of one task (from a mid-task position on a resume); (steps, loss sum)."""
-        strategy, stream, cfg = self.strategy, self.stream, self.cfg.train
+        strategy, stream, cfg = self.strategy, self.stream, self.train_cfg
         n, batch_size = len(data), cfg.batch_size
         steps_per_epoch = -(-n // batch_size)
         every = self._every
@@ -644,7 +666,7 @@ class Runner:
     def _validate_epoch(self, task, epoch: int, steps: int) -> bool:
         """Validation loss and accuracy of the current task after `epoch` (logged and kept for the
         train_log); with train.patience, the early-stopping bookkeeping. True: stop the task."""
-        cfg, controls, strategy = self.cfg.train, self._controls, self.strategy
+        cfg, controls, strategy = self.train_cfg, self._controls, self.strategy
         # the strategy's predict may draw random numbers (e.g. VCL's weight samples): fork every torch
         # RNG so that validation changes nothing in training
         devices = [self.device] if self.device.type == "cuda" else []

@@ -129,6 +129,23 @@ def test_nonfinite_tensors_names_parameters_and_buffers():
     assert nonfinite_tensors(net) == ["0.bias", "1.running_var"]
 
 
+def test_nonfinite_tensors_is_not_fooled_by_a_sum_that_overflows_or_by_low_precision():
+    """The all-finite fast path sums each tensor: huge finite weights whose sum overflows
+    are still finite, and a NaN in a bfloat16 or float16 tensor is still found."""
+    net = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        net.weight.fill_(3e38)  # finite; the float32 sum is inf
+    assert nonfinite_tensors(net) == []
+    net.weight.data[0, 1] = float("-inf")
+    assert nonfinite_tensors(net) == ["weight"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        low = torch.nn.Linear(4, 2).to(dtype)
+        assert nonfinite_tensors(low) == []
+        with torch.no_grad():
+            low.bias[0] = float("nan")
+        assert nonfinite_tensors(low) == ["bias"], dtype
+
+
 def test_strategy_warnings_are_logged_once_and_kept_in_metrics(tmp_path, monkeypatch):
     from cl_bench.strategies.base import Strategy
 
