@@ -172,12 +172,14 @@ def launch(args: list[str]) -> list[dict]:
 
         register()
     problem = override_problem(args) or hydra_usage_problem(args) or unknown_group_option(args)
+    checked: frozenset = frozenset()  # the sweep's jobs whose configs check_sweep composed
     if problem is None and ("-m" in args or "--multirun" in args):
-        from cl_bench.sweep import check_sweep
+        from cl_bench.sweep import check_sweep_jobs
 
-        problem = check_sweep(args)
+        problem, checked = check_sweep_jobs(args)
     if problem:
         raise CommandLineProblem(problem)
+    from cl_bench.sweep import skip_checked_jobs
 
     from cl_bench.app import FAILURES, SUMMARIES, SWEEP_DIRS, run_app
 
@@ -192,7 +194,8 @@ def launch(args: list[str]) -> list[dict]:
     SUMMARIES.clear()
     SWEEP_DIRS.clear()
     try:
-        run_app()
+        with skip_checked_jobs(checked):
+            run_app()
         if FAILURES:
             raise FAILURES.pop()
         LAST_SWEEP_DIRS[:] = SWEEP_DIRS or _sweep_dir_of(args)

@@ -12,6 +12,7 @@ sweep is started again on the same `hydra.sweep.dir`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -147,6 +148,14 @@ def check_sweep(args: list[str]) -> Optional[str]:
     None when every job passes. A key swept over a search space that only the sweeper
     expands (Optuna's `interval(...)`) keeps its default in the check; a sweep over a
     user's own config folder (`--config-dir`, `hydra.searchpath`) is left to the jobs."""
+    return check_sweep_jobs(args)[0]
+
+
+def check_sweep_jobs(args: list[str]) -> tuple[Optional[str], frozenset]:
+    """`check_sweep`'s problem, and the jobs whose configs were composed and passed, each as
+    the frozenset of its overrides (none when the check was left to the jobs or sampled
+    beyond `_MAX_CHECKED_COMBINATIONS`): Hydra's basic sweeper need not compose those again
+    before it launches them (`skip_checked_jobs`)."""
     import itertools
 
     from hydra import compose, initialize_config_module
@@ -159,25 +168,34 @@ def check_sweep(args: list[str]) -> Optional[str]:
     from cl_bench.cli import own_config_folder
 
     if own_config_folder(args):
-        return None
+        return None, frozenset()
     overrides = [a for a in args if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:
-        return describe(exc, args)
+        return describe(exc, args), frozenset()
     choices: list[list[str]] = []
+    # each choice as Hydra's basic sweeper writes it in a job's overrides (None: not one of them)
+    job_forms: list[list[Optional[str]]] = []
     for text, override in zip(overrides, parsed):
-        values = [text]
+        key = override.get_key_element()
         if override.is_sweep_override():
             try:
-                values = [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
+                values = forms = [f"{key}={v}" for v in override.sweep_string_iterator()]
             except Exception:  # a search space (interval, tag): its bounds are the sweeper's business
                 continue
+        else:
+            values, forms = [text], [f"{key}={override.get_value_element_as_str()}"]
         choices.append(values)
+        job_forms.append([None] * len(forms) if override.is_hydra_override() else list(forms))
     combos = list(itertools.islice(itertools.product(*choices), _MAX_CHECKED_COMBINATIONS + 1))
+    jobs = frozenset(frozenset(f for f in forms if f is not None)
+                     for forms in itertools.islice(itertools.product(*job_forms), _MAX_CHECKED_COMBINATIONS + 1))
+    sampled = False
     if len(combos) > _MAX_CHECKED_COMBINATIONS:  # each value of each key once, the others at their first
         first = [c[0] for c in choices]
         combos = [tuple(first[:i] + [v] + first[i + 1 :]) for i, c in enumerate(choices) for v in c]
+        sampled = True
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="cl_bench.conf", version_base="1.3"):
@@ -186,7 +204,34 @@ def check_sweep(args: list[str]) -> Optional[str]:
                     preflight(compose("config", overrides=list(combo)))
                 except Exception as exc:
                     job = " ".join(o for o, c in zip(combo, choices) if len(c) > 1) or " ".join(combo)
-                    return f"{describe(exc, list(combo))} (in the sweep job {job}); no job was started"
+                    return f"{describe(exc, list(combo))} (in the sweep job {job}); no job was started", frozenset()
     finally:
         GlobalHydra.instance().clear()
-    return None
+    return None, frozenset() if sampled else jobs
+
+
+@contextlib.contextmanager
+def skip_checked_jobs(checked: frozenset):
+    """While a sweep launches: Hydra's basic sweeper composes every job's config before it
+    launches a batch (`validate_batch_is_legal`, one composition per job, ~60 ms each, in the
+    sweep's own process before any job starts); the jobs `check_sweep_jobs` already composed
+    and checked (the same overrides) are not composed again. Any other job (an override the
+    sweeper added, a sampled check, an Optuna trial) still is. Patched on Hydra's `Sweeper`
+    base class: its plugin scan may load the sweeper modules again, as new class objects."""
+    from hydra.plugins.sweeper import Sweeper
+
+    original = Sweeper.validate_batch_is_legal
+    if not checked:
+        yield
+        return
+
+    def validate(self, batch):
+        rest = [overrides for overrides in batch if frozenset(overrides) not in checked]
+        if rest:
+            original(self, rest)
+
+    Sweeper.validate_batch_is_legal = validate
+    try:
+        yield
+    finally:
+        Sweeper.validate_batch_is_legal = original

@@ -267,3 +267,31 @@ def test_a_joblib_sweep_stops_its_workers_when_it_returns(tmp_path, monkeypatch)
     assert seen["workers"], "the sweep ran in joblib workers"
     assert not any(p.is_alive() for p in seen["workers"])
     del summaries
+
+
+def test_hydra_does_not_compose_again_the_jobs_the_sweep_check_composed(monkeypatch):
+    """`check_sweep_jobs` composes every job of a small sweep; Hydra's basic sweeper then skips
+    its own composition of exactly those jobs, and still composes any other (an override the
+    sweeper adds, or jobs of a sweep too large to check each one)."""
+    from hydra.plugins.sweeper import Sweeper
+
+    from cl_bench.sweep import _MAX_CHECKED_COMBINATIONS, check_sweep_jobs, skip_checked_jobs
+
+    problem, checked = check_sweep_jobs(["-m", "experiment=smoke", "strategy=finetune,joint", "seed=0,1",
+                                         "progress=false", "hydra.sweep.dir=x"])
+    assert problem is None
+    # as the sweeper writes each job's overrides: values normalised, no hydra.* override
+    assert checked == {frozenset({"experiment=smoke", f"strategy={s}", f"seed={n}", "progress=False"})
+                       for s in ("finetune", "joint") for n in (0, 1)}
+    composed = []
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", lambda self, batch: composed.extend(batch))
+    original = Sweeper.validate_batch_is_legal
+    with skip_checked_jobs(checked):
+        Sweeper.validate_batch_is_legal(None, [["experiment=smoke", "seed=1", "strategy=joint", "progress=False"],
+                                               ["experiment=smoke", "seed=2", "strategy=joint", "progress=False"]])
+    assert composed == [["experiment=smoke", "seed=2", "strategy=joint", "progress=False"]]
+    assert Sweeper.validate_batch_is_legal is original  # restored
+    # a failing job or a sampled check leaves every job to Hydra's composition
+    assert check_sweep_jobs(["-m", "experiment=smoke", "train.lr=0.1,abc"])[1] == frozenset()
+    many = ",".join(str(i) for i in range(_MAX_CHECKED_COMBINATIONS + 1))
+    assert check_sweep_jobs(["-m", "experiment=smoke", f"seed={many}"]) == (None, frozenset())
