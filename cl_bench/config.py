@@ -254,7 +254,6 @@ def accepted(target: Any, runtime_kwargs: dict) -> dict:
     return {k: v for k, v in runtime_kwargs.items() if k in params}
 
 
-
 def plain_train_config(node: Any) -> Any:
     """The `train` group as a plain `TrainConfig` (enums kept), for code that reads it every
     step: a key of an OmegaConf node costs ~15 us to read, a dataclass field ~0.02 us. A
@@ -267,6 +266,7 @@ def plain_train_config(node: Any) -> Any:
     import types
 
     return types.SimpleNamespace(**OmegaConf.to_container(node, resolve=True))
+
 
 # What the runner passes to each group's target itself (`build(..., **runtime_kwargs)`).
 RUNTIME_KWARGS = {"dataset": {"scenario", "seed"}, "backbone": {"input_shape", "num_outputs"}}

@@ -67,6 +67,8 @@ from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_check
 from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy, precision_autocast
 
 CHECKPOINT = "checkpoint.pt"
+# Strategy.after_task as defined (it does nothing): a strategy that keeps it changes no weight at a task's end
+_NO_CONSOLIDATION = Strategy.after_task
 # 2: "mid" (a mid-task snapshot or None) and progress["elapsed_s"].
 CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = {"version", "fingerprint", "model", "strategy", "optimizer", "rng", "progress"}
@@ -565,7 +567,9 @@ class Runner:
                 f"train.precision=fp16: {type(strategy).__name__} trained {int(steps)} steps without loss scaling "
                 "(none went through Strategy.optimizer_step); use train.precision=bf16 or 32"
             )
-        self._diverged(task, "after the task (the strategy's consolidation)")
+        # weights were last checked after the last epoch; check them again when something changed them since
+        if type(strategy).after_task is not _NO_CONSOLIDATION or controls["best_state"] is not None:
+            self._diverged(task, "after the task (the strategy's consolidation)")
         log = {
             "mean_loss": (loss_sum / max(steps, 1)).item(),
             "steps": steps,

@@ -129,3 +129,25 @@ def test_results_are_named_after_the_target_that_ran(tmp_path):
     assert summary["strategy"] == "cl_bench.strategies.joint.Joint"  # not "finetune", the shipped option
     assert summary["dataset"] == "split_digits" and summary["backbone"] == "mlp"
     assert (out / "results.md").read_text().startswith("# cl_bench.strategies.joint.Joint on split_digits")
+
+
+def test_the_command_exits_fast_after_running_the_atexit_handlers_and_flushing_its_output(tmp_path):
+    """`exit_now` skips the interpreter's teardown but keeps what a normal exit leaves behind:
+    atexit handlers run, buffered stdout is written, the exit code is kept; with another
+    non-daemon thread still running it exits normally (the thread finishes first)."""
+    mark = tmp_path / "atexit.txt"
+    code = (
+        "import atexit, sys; from cl_bench.cli import exit_now; "
+        f"atexit.register(lambda: open({str(mark)!r}, 'w').write('ran')); "
+        "sys.stdout.write('buffered'); exit_now(3)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, mark.read_text()) == (3, "buffered", "ran")
+    done = tmp_path / "thread.txt"
+    code = (
+        "import threading, time; from cl_bench.cli import exit_now; "
+        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done'))).start(); "
+        "exit_now(0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and done.read_text() == "done"

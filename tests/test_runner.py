@@ -183,3 +183,27 @@ def test_metrics_record_throughput_peak_memory_and_determinism(deterministic, tm
     assert summary["deterministic"] is deterministic
     assert torch.backends.cudnn.deterministic is deterministic and torch.backends.cudnn.benchmark is not deterministic
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+@pytest.mark.parametrize("scenario", ["class_il", "task_il"])
+@pytest.mark.parametrize("order", ["natural", "seed1993", "[1,0,3,2,5,4,7,6,9,8]"])
+def test_evaluate_counts_as_a_plain_argmax_over_each_tasks_outputs(tmp_path, scenario, order):
+    """`evaluate` slices a task's consecutive outputs and gathers any others (a class order's
+    permuted ones, in their order, which decides ties); both accuracies equal a direct count."""
+    import torch
+
+    from cl_bench.runner import evaluate
+
+    runner = Runner(compose_cfg("experiment=smoke", f"scenario={scenario}", f"dataset.class_order={order}"), tmp_path / "r")
+    runner.prepare()
+    runner._train_task(runner.stream.tasks[0], None)
+    strategy, stream = runner.strategy, runner.stream
+    acc, acc_aware = evaluate(strategy, stream, 7)  # several batches per task
+    with torch.inference_mode():
+        for task in stream.tasks:
+            scores = strategy.predict(stream.transform(task.test.x), task.id if scenario == "task_il" else None)
+            outputs = torch.tensor(task.outputs)
+            aware = (outputs[scores[:, outputs].argmax(1)] == task.test.y).double().mean().item()
+            plain = (scores.argmax(1) == task.test.y).double().mean().item()
+            assert acc_aware[task.id] == pytest.approx(aware, abs=1e-12)
+            assert acc[task.id] == pytest.approx(aware if scenario == "task_il" else plain, abs=1e-12)

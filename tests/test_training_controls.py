@@ -430,3 +430,23 @@ def test_impossible_values_are_refused_in_one_line(overrides, message):
         preflight(cfg)
         Runner(cfg, "/nonexistent/never-written").build()  # what preflight cannot know: at the stream's build
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_loop_and_the_strategy_read_train_as_a_plain_snapshot_of_the_config(tmp_path):
+    """Reading an OmegaConf key costs ~15 us; the runner hands its loop and the strategy a
+    plain `TrainConfig` with the composed values (enums kept), and a config composed without
+    the schema still gets a plain object with the same attributes."""
+    from omegaconf import OmegaConf
+
+    from cl_bench.config import TrainConfig, plain_train_config
+
+    cfg = compose_cfg("experiment=smoke", "train.scheduler=multistep", "train.milestones=[1,3]", "train.lr=0.2")
+    runner = Runner(cfg, tmp_path / "run")
+    runner.prepare()
+    plain = runner.strategy.train_cfg
+    assert type(plain) is TrainConfig and plain is runner.train_cfg
+    assert OmegaConf.to_container(cfg.train) == OmegaConf.to_container(OmegaConf.structured(plain))
+    assert plain.milestones == [1, 3] and type(plain.milestones) is list and plain.scheduler.value == "multistep"
+    loose = plain_train_config(OmegaConf.create({"lr": 0.1, "milestones": [2]}))
+    assert (loose.lr, loose.milestones) == (0.1, [2]) and not OmegaConf.is_config(loose.milestones)
+    assert plain_train_config(plain) is plain
