@@ -135,19 +135,15 @@ def test_the_command_exits_fast_after_running_the_atexit_handlers_and_flushing_i
     """`exit_now` skips the interpreter's teardown but keeps what a normal exit leaves behind:
     atexit handlers run, buffered stdout is written, the exit code is kept; with another
     non-daemon thread still running it exits normally (the thread finishes first)."""
-    mark = tmp_path / "atexit.txt"
-    code = (
-        "import atexit, sys; from cl_bench.cli import exit_now; "
-        f"atexit.register(lambda: open({str(mark)!r}, 'w').write('ran')); "
-        "sys.stdout.write('buffered'); exit_now(3)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    def python(*lines: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "; ".join(["from cl_bench.cli import exit_now", *lines])],
+                              capture_output=True, text=True)
+
+    mark, done = tmp_path / "atexit.txt", tmp_path / "thread.txt"
+    proc = python("import atexit, sys", f"atexit.register(lambda: open({str(mark)!r}, 'w').write('ran'))",
+                  "sys.stdout.write('buffered')", "exit_now(3)")
     assert (proc.returncode, proc.stdout, mark.read_text()) == (3, "buffered", "ran")
-    done = tmp_path / "thread.txt"
-    code = (
-        "import threading, time; from cl_bench.cli import exit_now; "
-        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done'))).start(); "
-        "exit_now(0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = python("import threading, time",
+                  f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done'))).start()",
+                  "exit_now(0)")
     assert proc.returncode == 0 and done.read_text() == "done"
