@@ -434,3 +434,26 @@ def test_a_report_that_fails_half_way_leaves_no_file_the_next_one_cannot_remove(
     monkeypatch.undo()
     assert write_outputs(report, out, ["latex"]) == [out / "report.tex"]
     assert _listing(out) == {"report.tex", ".clbench_report.json"}
+
+
+def test_the_accuracy_matrix_csv_is_what_pandas_writes_and_a_run_does_not_import_pandas(tmp_path):
+    """`matrix_csv` writes the bytes pandas' `to_csv(float_format="%.6f")` wrote before (NaN
+    empty, inf, -0.0, rounding), which `read_matrix` reads back; a whole run leaves pandas
+    (and the report's other libraries) unimported."""
+    import subprocess
+    import sys
+
+    from cl_bench.results import matrix_csv
+
+    rng = np.random.default_rng(0)
+    for R in (rng.random((5, 5)), np.array([[np.nan, -0.0, 1.0], [float("inf"), 1e-9, 0.9999995], [2.5e-7, 1 / 3, 0.1]])):
+        frame = pd.DataFrame(R, index=pd.Index([f"after_task_{i}" for i in range(len(R))], name="row"),
+                             columns=[f"task_{j}" for j in range(R.shape[1])])
+        assert matrix_csv(R) == frame.to_csv(float_format="%.6f")
+        (tmp_path / "m.csv").write_text(matrix_csv(R))
+        np.testing.assert_array_equal(read_matrix(tmp_path / "m.csv"), np.round(R, 6))
+    code = ("import sys; from cl_bench.cli import main; "
+            f"main(['run', 'experiment=smoke', 'hydra.run.dir={tmp_path / 'run'}']); "
+            "print(sorted(m for m in ('pandas', 'matplotlib', 'sklearn', 'scipy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
