@@ -64,7 +64,7 @@ from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_check
     parse_checkpoint_every,
     restore_task_state,
 )
-from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy, precision_autocast
+from cl_bench.strategies.base import Batch, LossScaler, PhaseProgress, Strategy, loss_diverged, precision_autocast
 
 CHECKPOINT = "checkpoint.pt"
 # Strategy.after_task as defined (it does nothing): a strategy that keeps it changes no weight at a task's end
@@ -510,7 +510,7 @@ class Runner:
         the per-epoch check is the loss alone, one host sync."""
         t = self.train_cfg
         bad = nonfinite_tensors(self.strategy.model) if weights else []
-        loss_bad = loss is not None and not (math.isfinite(loss) and (t.max_loss <= 0 or loss <= t.max_loss))
+        loss_bad = loss is not None and loss_diverged(loss, t.max_loss)
         if not (loss_bad or bad):
             return
         if loss_bad:

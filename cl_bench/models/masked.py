@@ -331,6 +331,14 @@ class FreezeGuard:
         if frozen.any():
             self.items.append((param, frozen))
 
+    def freeze_other_head_rows(self, head: nn.Module, stream: Stream, task_id: int) -> None:
+        """Keep fixed every row of `head` (weight, and bias if any) that is not an output of task
+        `task_id` (`head_rows_frozen`): earlier and later tasks' classifiers stay as they are."""
+        weight_rows, rows = head_rows_frozen(head, stream, task_id)
+        self.freeze(head.weight, weight_rows)
+        if head.bias is not None:
+            self.freeze(head.bias, rows)
+
     def scale(self, param: nn.Parameter, factor: torch.Tensor) -> None:
         factor = factor.to(param.dtype).expand_as(param)
         if (factor < 1).any():

@@ -133,16 +133,12 @@ class ResNet32(_SmallInputResNet):
 
 def cached_torchvision_weights(weights) -> dict:
     """A torchvision weights enum member's state dict from the torch hub cache, never from the network
-    (kept for callers of the earlier API; the backbones load through models/pretrained.py)."""
-    from cl_bench.models.pretrained import cache_file, fetch_hint, read_state_dict
+    (kept for callers of the earlier API; the backbones load through models/pretrained.py, whose
+    `weights_source` finds the file and refuses a missing one)."""
+    from cl_bench.models.pretrained import read_state_dict, weights_source
 
-    file = cache_file(weights)
-    if not file.is_file():
-        raise CLBenchError(
-            f"torchvision's {type(weights).__name__}.{weights.name} weights are not in the torch cache ({file} is "
-            f"missing) and clbench does not download them. On a machine with internet run "
-            f"{fetch_hint(weights, 'resnet18')} (with the matching model) and copy the file to {file.parent}/ "
-            f"(or set TORCH_HOME)")
+    factory = type(weights).__name__.removesuffix("_Weights").lower()  # ResNet18_Weights -> resnet18
+    file, _ = weights_source(type(weights), factory, factory, weights.name, None)
     return read_state_dict(file)
 
 

@@ -21,6 +21,7 @@ other before training. Strategies return scalars and never print or write files.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -133,6 +134,13 @@ class LossScaler:
     def load_state_dict(self, state: dict) -> None:
         self.value, self.good_steps = float(state["value"]), int(state["good_steps"])
         self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+
+
+def loss_diverged(loss: float, max_loss: float) -> bool:
+    """The divergence rule of `train.max_loss` for an epoch's mean training loss: not finite,
+    or above `max_loss` (which `max_loss <= 0` turns off). The runner applies it to every
+    epoch, a strategy to the loops it runs itself (LwF's warm-up)."""
+    return not (math.isfinite(loss) and (max_loss <= 0 or loss <= max_loss))
 
 
 def precision_autocast(precision: str, device_type: str):

@@ -36,7 +36,7 @@ from torch import nn
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
-    FreezeGuard, MaskedNet, WeightOwners, accuracy, binarize, bit_bytes, epochs, head_params, head_rows_frozen,
+    FreezeGuard, MaskedNet, WeightOwners, accuracy, binarize, bit_bytes, epochs, head_params,
     freeze_other_batchnorms, size_summary, start_task_batchnorms, task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
@@ -105,8 +105,7 @@ class CPG(Strategy):
             self.guard.freeze(layer.weight, ~own)
             if layer.bias is not None:
                 self.guard.freeze(layer.bias, t > 0)
-        for p, frozen in zip((head.weight, head.bias), head_rows_frozen(head, self.stream, t)):
-            self.guard.freeze(p, frozen)
+        self.guard.freeze_other_head_rows(head, self.stream, t)
         freeze_other_batchnorms(self.norms, t, self.guard)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.mask_optimizer = torch.optim.Adam(self.scores, lr=self.mask_lr) if self.scores is not None else None

@@ -26,7 +26,7 @@ import torch
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
-from cl_bench.models.masked import FreezeGuard, StorageCount, head_params, head_rows_frozen, is_pretrained, size_summary
+from cl_bench.models.masked import FreezeGuard, StorageCount, head_params, is_pretrained, size_summary
 from cl_bench.strategies.base import Strategy
 
 
@@ -51,10 +51,7 @@ class FeatureExtraction(Strategy):
         for p in body:
             p.requires_grad_(self.trains_body(task.id))
         self.guard = FreezeGuard()
-        weight_rows, rows = head_rows_frozen(head, self.stream, task.id)
-        self.guard.freeze(head.weight, weight_rows)
-        if head.bias is not None:
-            self.guard.freeze(head.bias, rows)
+        self.guard.freeze_other_head_rows(head, self.stream, task.id)
         trainable = body + list(head.parameters()) if self.trains_body(task.id) else list(head.parameters())
         self.optimizer = self.make_optimizer(trainable)
 

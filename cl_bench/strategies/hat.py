@@ -55,7 +55,7 @@ from torch import nn
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
-    FreezeGuard, MaskedNet, bit_bytes, freeze_other_batchnorms, head_rows_frozen, size_summary, start_task_batchnorms,
+    FreezeGuard, MaskedNet, bit_bytes, freeze_other_batchnorms, size_summary, start_task_batchnorms,
     task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
@@ -115,8 +115,7 @@ class HAT(Strategy):
             rows[task.id] = False
             self.guard.freeze(emb.weight, rows.expand_as(emb.weight).clone())
         head = self.model.head
-        for p, frozen in zip((head.weight, head.bias), head_rows_frozen(head, self.stream, task.id)):
-            self.guard.freeze(p, frozen)
+        self.guard.freeze_other_head_rows(head, self.stream, task.id)
         start_task_batchnorms(self.norms, task.id)
         freeze_other_batchnorms(self.norms, task.id, self.guard)
         # no weight decay on the embeddings: it would pull e towards 0, i.e. every gate towards 0.5

@@ -57,7 +57,6 @@ only (a domain-IL head is shared, there is no new head to warm up).
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
@@ -65,8 +64,8 @@ import torch.nn.functional as F
 
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
-from cl_bench.models.masked import FreezeGuard, epochs, head_rows_frozen
-from cl_bench.strategies.base import Batch, Strategy
+from cl_bench.models.masked import FreezeGuard, epochs
+from cl_bench.strategies.base import Batch, Strategy, loss_diverged
 from cl_bench.strategies.distillation import kd_loss
 from cl_bench.strategies.importance import check_positive
 
@@ -140,10 +139,7 @@ class LwF(Strategy):
         """The paper's warm-up: the new task's head rows alone, the rest exactly fixed."""
         head = self.model.head
         guard = FreezeGuard()
-        weight_rows, rows = head_rows_frozen(head, self.stream, task.id)  # True: not this task's row
-        guard.freeze(head.weight, weight_rows)
-        if head.bias is not None:
-            guard.freeze(head.bias, rows)
+        guard.freeze_other_head_rows(head, self.stream, task.id)
         grads = {p: p.requires_grad for p in self.model.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -174,8 +170,7 @@ class LwF(Strategy):
             self.model.train()
         # the runner's divergence rule (train.max_loss) on the warm-up's last epoch, and finite weights
         last = float(torch.stack(losses[-per_epoch:]).float().mean()) if losses else 0.0
-        bound = self.train_cfg.max_loss
-        if not (math.isfinite(last) and (bound <= 0 or last <= bound)) or not all(torch.isfinite(p).all() for p in params):
+        if loss_diverged(last, self.train_cfg.max_loss) or not all(torch.isfinite(p).all() for p in params):
             lr = self.warmup_lr if self.warmup_lr is not None else self.train_cfg.lr
             raise CLBenchError(f"LwF's warm-up diverged in task {task.id} (last epoch's loss {last:.4g}); "
                                f"lower strategy.warmup_lr (the warm-up ran at {lr})")

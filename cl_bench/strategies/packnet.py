@@ -59,7 +59,7 @@ from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
     PRETRAINED_OWNER, FreezeGuard, MaskedNet, StorageCount, WeightOwners, batchnorms_eval, epochs,
-    freeze_batchnorms, freeze_other_batchnorms, head_params, head_rows_frozen, is_pretrained, size_summary,
+    freeze_batchnorms, freeze_other_batchnorms, head_params, is_pretrained, size_summary,
     start_task_batchnorms, task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
@@ -117,8 +117,7 @@ class PackNet(Strategy):
             self.guard.freeze(layer.weight, ~mine)
             if layer.bias is not None:
                 self.guard.freeze(layer.bias, self.shared_fixed(task.id))
-        for p, frozen in zip((self.model.head.weight, self.model.head.bias), head_rows_frozen(self.model.head, self.stream, task.id)):
-            self.guard.freeze(p, frozen)
+        self.guard.freeze_other_head_rows(self.model.head, self.stream, task.id)
         if self.norms:
             start_task_batchnorms(self.norms, task.id)
             freeze_other_batchnorms(self.norms, task.id, self.guard)

@@ -53,7 +53,7 @@ from torch import nn
 from cl_bench import CLBenchError
 from cl_bench.data.stream import Task
 from cl_bench.models.masked import (
-    FreezeGuard, MaskedNet, StorageCount, binarize, head_params, head_rows_frozen, is_pretrained, size_summary,
+    FreezeGuard, MaskedNet, StorageCount, binarize, head_params, is_pretrained, size_summary,
     task_batchnorms,
 )
 from cl_bench.strategies.base import Strategy
@@ -104,8 +104,7 @@ class Piggyback(Strategy):
         self.task = task.id
         self.use_task(task.id)
         head, self.guard = self.model.head, FreezeGuard()
-        for p, frozen in zip((head.weight, head.bias), head_rows_frozen(head, self.stream, task.id)):
-            self.guard.freeze(p, frozen)
+        self.guard.freeze_other_head_rows(head, self.stream, task.id)
         self.scores = None
         if task.id < self.first_masked:
             self.mask_optimizer = None
