@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 import cl_bench
 from cl_bench import CLBenchError
 from cl_bench.config import build, plain_train_config, preflight
-from cl_bench.data.stream import Stream
+from cl_bench.data.stream import Stream, output_columns
 from cl_bench.metrics import all_metrics
 from cl_bench.results import atomic_write_bytes, write_results
 from cl_bench.checkpointing import (  # noqa: F401  (RunInterrupted, parse_checkpoint_every: public here)
@@ -175,14 +175,11 @@ def evaluate(
     """
     strategy.set_training(False)
     device, aware_only = strategy.device, stream.task_id_at_test
-    counts = []  # per task: (correct, correct task-aware), on the device until one host sync at the end
-    for task in stream.tasks:
-        outs, lo = task.outputs, task.outputs[0]
-        # a task's outputs are usually a run of consecutive units: a slice instead of a gather
-        contiguous = list(outs) == list(range(lo, lo + len(outs)))
-        outputs = None if contiguous else torch.tensor(outs, device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        correct_aware = correct if aware_only else torch.zeros_like(correct)
+    # per-batch counts of correct predictions, stacked and brought to the host once at the end
+    # (no running sum per task: a task's test set is usually a single batch)
+    sums, owners = [], []  # owners[i]: (task index, 0 = scenario's / 1 = task-aware) of sums[i]
+    for i, task in enumerate(stream.tasks):
+        columns = output_columns(task.outputs, device)  # a slice for consecutive outputs: no gather
         task_id = task.id if aware_only else None
         data = task.val if split == "val" else task.test
         for start in range(0, len(data), batch_size):
@@ -192,21 +189,23 @@ def evaluate(
             scores = strategy.predict(x, task_id)
             if strategy.inactive is not None:  # class-IL with train.active_classes
                 scores = scores.masked_fill(strategy.inactive, float("-inf"))
-            if contiguous:
-                pred_aware = scores[:, lo : lo + len(outs)].argmax(1)
-                if lo:
-                    pred_aware += lo
-            else:
-                pred_aware = outputs[scores[:, outputs].argmax(1)]
-            correct_aware += (pred_aware == y).sum()  # task-IL: the scenario's accuracy is this one
+            pred_aware = scores[:, columns].argmax(1)
+            if not isinstance(columns, slice):
+                pred_aware = columns[pred_aware]
+            elif columns.start:
+                pred_aware += columns.start
+            sums.append((pred_aware == y).sum())  # task-IL: the scenario's accuracy is this one
+            owners.append((i, 1))
             if not aware_only:
-                correct += (scores.argmax(1) == y).sum()
-        counts.append(torch.stack([correct, correct_aware]))
-    counts = torch.stack(counts).tolist() if counts else []
-    sizes = [len(task.val if split == "val" else task.test) for task in stream.tasks]
-    acc = np.array([c / n for (c, _), n in zip(counts, sizes)], dtype=np.float64)
-    acc_aware = np.array([c / n for (_, c), n in zip(counts, sizes)], dtype=np.float64)
-    return acc, acc_aware
+                sums.append((scores.argmax(1) == y).sum())
+                owners.append((i, 0))
+    counts = np.zeros((len(stream.tasks), 2), dtype=np.int64)
+    for (i, kind), c in zip(owners, torch.stack(sums).tolist() if sums else []):
+        counts[i, kind] += c
+    if aware_only:
+        counts[:, 0] = counts[:, 1]
+    sizes = np.array([len(task.val if split == "val" else task.test) for task in stream.tasks], dtype=np.float64)
+    return counts[:, 0] / sizes, counts[:, 1] / sizes  # exact counts, one correctly rounded division each
 
 
 def lr_factor(train_cfg: Any, epoch: int, step: int, steps_per_epoch: int) -> float:

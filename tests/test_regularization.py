@@ -314,6 +314,11 @@ def test_active_classes_keep_unseen_outputs_out_of_the_loss_and_the_fisher():
 
 
 # ----- LwF, VCL, AGS-CL ------------------------------------------------------------------
+def columns(index) -> list[int]:
+    """The output units an index of LwF's groups selects (a slice or a tensor of units)."""
+    return list(range(10))[index] if isinstance(index, slice) else index.tolist()
+
+
 def test_lwf_keeps_a_frozen_copy_of_the_old_model():
     s, stream = train_first_task("lwf", tasks=2)
     assert s.old_model is not s.model and s.tasks_seen == 2
@@ -324,7 +329,7 @@ def test_lwf_keeps_a_frozen_copy_of_the_old_model():
             p.add_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(old, s.old_model.parameters()))
     s.before_task(stream.tasks[2])  # task-IL: one term per old task, on that task's outputs
-    assert [(a.tolist(), b.tolist()) for a, b in s.groups] == [([0, 1], [0, 1]), ([2, 3], [2, 3])]
+    assert [(columns(a), columns(b)) for a, b in s.groups] == [([0, 1], [0, 1]), ([2, 3], [2, 3])]
 
 
 def test_lwf_class_il_distils_over_seen_classes_with_zero_padded_targets():
@@ -336,13 +341,35 @@ def test_lwf_class_il_distils_over_seen_classes_with_zero_padded_targets():
     s.after_task(stream.tasks[0])
     s.before_task(stream.tasks[1])
     (student, teacher), = s.groups
-    assert student.tolist() == [0, 1, 2, 3] and teacher.tolist() == [0, 1]
+    assert columns(student) == [0, 1, 2, 3] and columns(teacher) == [0, 1]
     # the loss equals the cross-entropy against the old model's softened outputs padded with zeros
     torch.manual_seed(0)
     logits, old_logits = torch.randn(5, 10), torch.randn(5, 10)
     target = torch.cat([torch.softmax(old_logits[:, :2] / 2, 1), torch.zeros(5, 2)], 1)
     expected = -(target * torch.log_softmax(logits[:, :4] / 2, 1)).sum(1).mean() * 4
     torch.testing.assert_close(s._distillation(logits, old_logits), expected)
+
+
+@pytest.mark.parametrize("order", ["natural", [3, 7, 1, 0, 9, 2, 5, 8, 4, 6]])
+def test_lwf_class_il_new_loss_competes_over_the_seen_classes_in_their_order(order):
+    """The new-task loss is the cross-entropy over the seen classes' outputs, in the stream's
+    order, with each label at its class's position: a slice and the label itself when those
+    outputs are 0..k-1, a gather and a relabelling otherwise."""
+    cfg = compose_cfg("strategy=lwf", "scenario=class_il")
+    stream = split_digits(scenario="class_il", class_order=order)
+    s = build(cfg.strategy, "strategy")
+    s.setup(MLP(stream.input_shape, stream.num_outputs), stream, cfg.train, torch.device("cpu"))
+    s.before_task(stream.tasks[0])
+    s.after_task(stream.tasks[0])
+    s.before_task(stream.tasks[1])
+    seen = stream.tasks[0].outputs + stream.tasks[1].outputs
+    assert columns(s.active) == seen
+    assert (s.position is None) == (seen == [0, 1, 2, 3])
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10, requires_grad=True)
+    y = torch.tensor(seen + seen[:2])
+    expected = torch.nn.functional.cross_entropy(logits[:, seen], torch.tensor([seen.index(c) for c in y.tolist()]))
+    assert torch.equal(s._new_loss(logits, y), expected)
 
 
 @pytest.mark.parametrize("dataset", list(STREAMS))

@@ -207,3 +207,24 @@ def test_evaluate_counts_as_a_plain_argmax_over_each_tasks_outputs(tmp_path, sce
             plain = (scores.argmax(1) == task.test.y).double().mean().item()
             assert acc_aware[task.id] == pytest.approx(aware, abs=1e-12)
             assert acc[task.id] == pytest.approx(aware if scenario == "task_il" else plain, abs=1e-12)
+
+
+@pytest.mark.parametrize("outputs", [[0, 1], [4, 5, 6], [3, 1], [2, 4], [7]])
+def test_output_columns_select_the_same_columns_and_gradients_as_a_gather(outputs):
+    """A slice for a run of consecutive ascending outputs, a gather otherwise; either way the
+    values and the gradients are those of indexing with the outputs' list."""
+    import torch
+
+    from cl_bench.data.stream import output_columns
+
+    columns = output_columns(outputs, torch.device("cpu"))
+    consecutive = outputs == list(range(outputs[0], outputs[0] + len(outputs)))
+    assert isinstance(columns, slice) is consecutive
+    scores = torch.randn(5, 10, requires_grad=True)
+    picked = scores[:, columns]
+    reference = scores[:, torch.tensor(outputs)]
+    assert torch.equal(picked, reference)
+    weights = torch.randn_like(picked)
+    (grad,) = torch.autograd.grad((picked * weights).sum(), scores)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), scores)
+    assert torch.equal(grad, grad_reference)

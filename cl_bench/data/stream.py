@@ -57,6 +57,17 @@ class Split:
         return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]))
 
 
+def output_columns(outputs: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """An index for the output units `outputs` of a (batch, units) score tensor: a slice when
+    they are a run of consecutive units in ascending order (the usual class order; indexing
+    is then a view, and its backward a copy into zeros), else a long tensor (a gather). Both
+    select the same columns in the same order, so values and gradients are identical."""
+    outputs = [int(o) for o in outputs]
+    if outputs and outputs == list(range(outputs[0], outputs[0] + len(outputs))):
+        return slice(outputs[0], outputs[0] + len(outputs))
+    return torch.tensor(outputs, dtype=torch.long, device=device)
+
+
 @dataclass
 class Task:
     """One task of a stream.
