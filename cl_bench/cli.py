@@ -321,7 +321,10 @@ def script_command(args: list[str]) -> int:
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # a script's SystemExit("message"): the message, as Python prints it
+        return 1
     finally:
         sys.argv = argv
     return 0

@@ -16,13 +16,22 @@ side is the runner's own hot loop: `Runner._train_task` and `runner.evaluate` pe
     python scripts/bench_data_path.py                                  # Split Digits, MLP
     python scripts/bench_data_path.py dataset=split_mnist5k            # 28x28 MNIST digits
     python scripts/bench_data_path.py dataset=split_mnist dataset.root=DIR backbone=mlp
+    python scripts/bench_data_path.py --processes 6 device.num_threads=1   # 6 fresh processes
+
+On a virtual machine the ratio of one process can sit several percent away from another's
+for the whole process (measured here: 1.02 to 1.12 for the same command), so `--processes N`
+runs the measurement in N fresh processes, one after another, and prints each process's
+ratios and their median.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,8 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--processes", type=int, default=1, help="fresh processes to measure in, one after another")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one process's result, for --processes
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=split_mnist5k train.epochs=2")
     args = parser.parse_args()
+    if args.processes > 1:
+        return across_processes(args)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with initialize_config_module("cl_bench.conf", version_base="1.3"):
         cfg = compose("config", overrides=["progress=false", "strategy=finetune", "checkpoint=false", *args.overrides])
@@ -130,13 +143,33 @@ def main() -> None:
     steps = sum(t["steps"] for t in summary["train_log"])
     med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
     bt, be, ot, oe = med(bare, 0), med(bare, 1), med(ours, 0), med(ours, 1)
+    ratios = {"train": ot / bt, "eval": oe / be, "train+eval": (ot + oe) / (bt + be)}
+    if args.json:
+        print(json.dumps(ratios))
+        return
     print(f"{summary['dataset']} ({'x'.join(map(str, stream.input_shape))}) / {cfg.backbone._target_.rsplit('.', 1)[-1]} / "
           f"finetune / {summary['scenario']}, device {summary['device']}, {torch.get_num_threads()} threads, "
           f"{steps} steps of {cfg.train.batch_size}, median of {args.repeats} alternating runs, {args.clock} clock")
     print("            bare loop    clbench    ratio")
-    print(f"train      {bt:8.3f} s {ot:8.3f} s   {ot / bt:5.3f}")
-    print(f"eval       {be:8.3f} s {oe:8.3f} s   {oe / be:5.3f}")
-    print(f"train+eval {bt + be:8.3f} s {ot + oe:8.3f} s   {(ot + oe) / (bt + be):5.3f}")
+    print(f"train      {bt:8.3f} s {ot:8.3f} s   {ratios['train']:5.3f}")
+    print(f"eval       {be:8.3f} s {oe:8.3f} s   {ratios['eval']:5.3f}")
+    print(f"train+eval {bt + be:8.3f} s {ot + oe:8.3f} s   {ratios['train+eval']:5.3f}")
+
+
+def across_processes(args) -> None:
+    """The measurement in `args.processes` fresh processes: each one's ratios, and their medians."""
+    command = [sys.executable, __file__, "--json", "--repeats", str(args.repeats), "--clock", args.clock,
+               *args.overrides]
+    runs = []
+    for i in range(args.processes):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"bench_data_path: process {i + 1} failed:\n{done.stderr[-2000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"process {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()), flush=True)
+    print(f"median of {args.processes} processes (clbench / bare loop, {args.repeats} alternating runs each): "
+          + ", ".join(f"{k} {statistics.median(r[k] for r in runs):.3f}" for k in runs[0])
+          + f"; train+eval range {min(r['train+eval'] for r in runs):.3f}-{max(r['train+eval'] for r in runs):.3f}")
 
 
 if __name__ == "__main__":

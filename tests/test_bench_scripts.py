@@ -43,3 +43,38 @@ def test_bench_all_prints_a_row_per_strategy(tmp_path):
     # 5 tasks x ceil(~250 samples / 32) steps, 1 epoch each; both strategies take the same steps
     assert table["finetune"][2].strip() == table["er"][2].strip() and int(table["finetune"][2]) > 0
     assert float(table["finetune"][5]) == 1.0
+
+
+def test_bench_data_path_measures_in_fresh_processes(tmp_path):
+    done = script("bench_data_path", "--processes", "2", "--repeats", "1", "train.epochs=1", "device.num_threads=1",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    runs = [dict(re.findall(r"(train\+eval|train|eval) ([0-9.]+)", line)) for line in lines if line.startswith("process")]
+    assert len(runs) == 2 and all(set(r) == {"train", "eval", "train+eval"} for r in runs)
+    assert all(float(v) > 0 for r in runs for v in r.values())
+    median = [line for line in lines if line.startswith("median of 2 processes")]
+    assert len(median) == 1
+    # the median of two is their mean (each printed to 3 decimals)
+    printed = float(re.search(r"train\+eval ([0-9.]+);", median[0]).group(1))
+    assert abs(printed - (float(runs[0]["train+eval"]) + float(runs[1]["train+eval"])) / 2) <= 0.0011
+
+
+def test_bench_peer_says_how_to_get_the_peer(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("avalanche") is not None:
+        pytest.skip("Avalanche is installed here: the comparison would run in full")
+    done = script("bench_peer", "--strategies", "finetune", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "pip install avalanche-lib" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_scripts_refusal_reaches_the_user(tmp_path):
+    """A script that stops with SystemExit("message") under `clbench script` prints the message
+    and exits 1 (it used to exit 1 in silence)."""
+    done = script("bench_data_path", "train.momentum=0.9", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "the bare loop is plain SGD" in done.stderr and "Traceback" not in done.stderr
