@@ -97,21 +97,23 @@ def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tup
     return train_s, eval_s
 
 
-def runner_loop(cfg, folder: Path, clock=time.process_time) -> tuple[float, float]:
-    """(train seconds, eval seconds) of the runner's own per-task train and evaluation calls."""
+def runner_loop(cfg, folder: Path, clock=time.process_time) -> tuple[float, float, float]:
+    """(train seconds, eval seconds, final average accuracy) of the runner's own per-task
+    train and evaluation calls."""
     runner = Runner(cfg, folder)
     runner.prepare()
     train_s = eval_s = 0.0
+    acc = None
     for task in runner.stream.tasks:
         runner._sync()
         t0 = clock()
         runner._train_task(task, None)
         runner._sync()
         t1 = clock()
-        evaluate(runner.strategy, runner.stream, cfg.train.eval_batch_size)
+        acc, _ = evaluate(runner.strategy, runner.stream, cfg.train.eval_batch_size)
         eval_s += clock() - t1
         train_s += t1 - t0
-    return train_s, eval_s
+    return train_s, eval_s, float(acc.mean())
 
 
 def main() -> None:
@@ -139,7 +141,7 @@ def main() -> None:
         summary = Runner(cfg, Path(tmp) / "full").run()  # warm-up, and a full run for the facts printed below
         for r in range(args.repeats):
             bare.append(bare_loop(cfg, stream, device, clock))
-            ours.append(runner_loop(cfg, Path(tmp) / f"run{r}", clock))
+            ours.append(runner_loop(cfg, Path(tmp) / f"run{r}", clock)[:2])
     steps = sum(t["steps"] for t in summary["train_log"])
     med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
     bt, be, ot, oe = med(bare, 0), med(bare, 1), med(ours, 0), med(ours, 1)
