@@ -6,8 +6,11 @@ task (400 steps), each strategy with its shipped defaults, in class-IL where it 
 (else task-IL: the parameter-isolation methods; the bare loop stays class-IL fine-tuning). In one process, on the same
 stream: per repetition the bare loop (plain SGD fine-tuning written as a PyTorch script,
 `bench_data_path.bare_loop`) and then every strategy once, in turn; medians over the
-repetitions. Time is the runner's own train + eval time (metrics.json's timing), without
-start-up, data loading, the random-init evaluation or result writing.
+repetitions. Time is the runner's own per-task train and evaluate calls (the work of
+metrics.json's train + eval time), without start-up, data loading, the random-init
+evaluation or result writing; in process CPU time by default (`--clock cpu`: with one torch
+thread it is the work done, and on a shared virtual machine wall time moved by 2x between
+runs of the same job), `--clock wall` on a GPU or with several threads.
 
     python scripts/bench_all.py                         # all strategies, 3 repetitions
     python scripts/bench_all.py --strategies finetune,ewc,gem --repeats 5 -- train.epochs=5
@@ -23,7 +26,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import bench_data_path  # the bare loop (same folder)
-import bench_overhead  # the timed Runner.run (same folder)
 import torch
 from hydra import compose, initialize_config_module
 
@@ -39,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every conf/strategy option)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the protocol's")
     args = parser.parse_args()
     names = args.strategies.split(",") if args.strategies else sorted(
@@ -57,29 +60,29 @@ def main() -> None:
     if base.device.num_threads is not None:
         torch.set_num_threads(base.device.num_threads)
     stream = build(base.dataset, "dataset", scenario=base.scenario.value, seed=base.seed).to(device)
-    bare_loop = lambda: sum(bench_data_path.bare_loop(base, stream, device, time.perf_counter))  # noqa: E731
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    bare_loop = lambda: sum(bench_data_path.bare_loop(base, stream, device, clock))  # noqa: E731
     bare_loop()  # warm-up
-    bare, ours, steps = [], {n: [] for n in names}, {}
+    bare, ours, facts = [], {n: [] for n in names}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             bare.append(bare_loop())
             for n in names:
-                loop, _, summary = bench_overhead.clbench_run(configs[n], Path(tmp) / f"{n}-{r}")
-                ours[n].append(loop)
-                steps[n] = (sum(t["steps"] for t in summary["train_log"]), summary["metrics"]["acc"],
-                            summary["scenario"])
+                timed = bench_data_path.runner_loop(configs[n], Path(tmp) / f"{n}-{r}", clock)
+                ours[n].append(timed.train_s + timed.eval_s)
+                facts[n] = (timed.steps, timed.acc, timed.scenario)
     b = statistics.median(bare)
     finetune = statistics.median(ours["finetune"]) if "finetune" in ours else None
     print(f"Split Digits / MLP {'-'.join(map(str, [64, *base.backbone.hidden_sizes, 10]))} / class-IL / SGD lr "
           f"{base.train.lr} / batch {base.train.batch_size} / {base.train.epochs} epochs per task; {device}, "
-          f"{torch.get_num_threads()} thread(s); median of {args.repeats}")
+          f"{torch.get_num_threads()} thread(s); {args.clock} clock, median of {args.repeats}")
     print("| job | scenario | steps | train+eval s | x bare loop | x finetune | final acc |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| bare PyTorch loop | class_il | {steps.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
+    print(f"| bare PyTorch loop | class_il | {facts.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
     for n in names:
         t = statistics.median(ours[n])
         rel = f"{t / finetune:.2f}" if finetune else "–"
-        print(f"| {n} | {steps[n][2]} | {steps[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {steps[n][1]:.4f} |")
+        print(f"| {n} | {facts[n][2]} | {facts[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {facts[n][1]:.4f} |")
 
 
 if __name__ == "__main__":

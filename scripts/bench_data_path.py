@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,23 +98,31 @@ def bare_loop(cfg, stream, device: torch.device, clock=time.process_time) -> tup
     return train_s, eval_s
 
 
-def runner_loop(cfg, folder: Path, clock=time.process_time) -> tuple[float, float, float]:
-    """(train seconds, eval seconds, final average accuracy) of the runner's own per-task
-    train and evaluation calls."""
+class Timed(NamedTuple):
+    train_s: float
+    eval_s: float
+    acc: float  # final average accuracy (the scenario's)
+    steps: int
+    scenario: str
+
+
+def runner_loop(cfg, folder: Path, clock=time.process_time) -> Timed:
+    """The runner's own per-task train and evaluation calls, timed with `clock`; the same
+    work as the train + eval time of a `clbench run` (metrics.json's timing)."""
     runner = Runner(cfg, folder)
     runner.prepare()
     train_s = eval_s = 0.0
-    acc = None
+    acc, steps = None, 0
     for task in runner.stream.tasks:
         runner._sync()
         t0 = clock()
-        runner._train_task(task, None)
+        steps += runner._train_task(task, None)["steps"]
         runner._sync()
         t1 = clock()
         acc, _ = evaluate(runner.strategy, runner.stream, cfg.train.eval_batch_size)
         eval_s += clock() - t1
         train_s += t1 - t0
-    return train_s, eval_s, float(acc.mean())
+    return Timed(train_s, eval_s, float(acc.mean()), steps, runner.stream.scenario)
 
 
 def main() -> None:

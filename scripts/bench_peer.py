@@ -135,11 +135,11 @@ def main() -> None:
             peer_run(n, configs[n], stream, device)
         for r in range(args.repeats):
             for n in names:
-                train_s, eval_s, our_acc = bench_data_path.runner_loop(configs[n], Path(tmp) / f"{n}-{r}")
-                ours[n].append(train_s + eval_s)
+                timed = bench_data_path.runner_loop(configs[n], Path(tmp) / f"{n}-{r}")
+                ours[n].append(timed.train_s + timed.eval_s)
                 peer_s, peer_acc = peer_run(n, configs[n], stream, device)
                 peer[n].append(peer_s)
-                acc[n] = (our_acc, peer_acc)
+                acc[n] = (timed.acc, peer_acc)
     print(f"Split Digits / MLP / class-IL / SGD lr {base.train.lr} / batch {base.train.batch_size} / "
           f"{base.train.epochs} epochs per task; {device}, {torch.get_num_threads()} thread(s); "
           f"Avalanche {avalanche.__version__}; CPU time, median of {args.repeats}, alternating")
