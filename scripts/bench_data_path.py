@@ -111,6 +111,9 @@ def runner_loop(cfg, folder: Path, clock=time.process_time) -> Timed:
     work as the train + eval time of a `clbench run` (metrics.json's timing)."""
     runner = Runner(cfg, folder)
     runner.prepare()
+    ebs = cfg.train.eval_batch_size
+    with runner._autocast():  # the untrained model's row, untimed: a run draws from the RNG there too
+        evaluate(runner.strategy, runner.stream, ebs, runner.eval_split)
     train_s = eval_s = 0.0
     acc, steps = None, 0
     for task in runner.stream.tasks:
@@ -119,7 +122,9 @@ def runner_loop(cfg, folder: Path, clock=time.process_time) -> Timed:
         steps += runner._train_task(task, None)["steps"]
         runner._sync()
         t1 = clock()
-        acc, _ = evaluate(runner.strategy, runner.stream, cfg.train.eval_batch_size)
+        with runner._autocast():
+            acc, _ = evaluate(runner.strategy, runner.stream, ebs, runner.eval_split)
+        runner._sync()
         eval_s += clock() - t1
         train_s += t1 - t0
     return Timed(train_s, eval_s, float(acc.mean()), steps, runner.stream.scenario)

@@ -223,7 +223,7 @@ class QuadraticPenaltyStrategy(Strategy):
             weighted = torch._foreach_mul(diffs, omega)
             if add:
                 torch._foreach_add_(grads, weighted, alpha=self.strength)
-            values += [(w * d).sum() for w, d in zip(weighted, diffs)]
+            values += [product.sum() for product in torch._foreach_mul(weighted, diffs)]  # = (w * d).sum() each
         return torch.stack(values).sum() * (self.strength / 2)
 
     @torch.no_grad()
