@@ -228,3 +228,41 @@ def test_output_columns_select_the_same_columns_and_gradients_as_a_gather(output
     (grad,) = torch.autograd.grad((picked * weights).sum(), scores)
     (grad_reference,) = torch.autograd.grad((reference * weights).sum(), scores)
     assert torch.equal(grad, grad_reference)
+
+
+def test_each_epoch_starts_in_training_mode_even_when_a_step_left_eval_mode(tmp_path, monkeypatch):
+    """The runner calls set_training(True) again at an epoch's start only where a module's
+    flag changed: a strategy step that leaves the body in eval mode is undone before the next
+    epoch's first step, and with nothing changed the flags are only read."""
+    from cl_bench.strategies.base import Strategy
+
+    cfg = compose_cfg("experiment=smoke", "train.epochs=3", "backbone=reduced_resnet18", "checkpoint=false")
+    runner = Runner(cfg, tmp_path / "r")
+    runner.prepare()
+    strategy = runner.strategy
+    calls, first_steps = [], []
+    set_training = Strategy.set_training
+
+    def counting(self, training):
+        calls.append(training)
+        set_training(self, training)
+
+    monkeypatch.setattr(type(strategy), "set_training", counting)
+    train_step = strategy.train_step
+    steps_per_epoch = -(-len(strategy.training_data(runner.stream.tasks[0])) // cfg.train.batch_size)
+
+    def step(batch):
+        if len(first_steps) < 3 and step.count % steps_per_epoch == 0:
+            first_steps.append(all(m.training for m in strategy.model.modules()))
+        step.count += 1
+        out = train_step(batch)
+        if step.count == steps_per_epoch:  # the first epoch's last step leaves the body in eval
+            strategy.model.body.eval()
+        return out
+
+    step.count = 0
+    strategy.train_step = step
+    runner._step_offset = 0
+    runner._train_task(runner.stream.tasks[0], None)
+    assert first_steps == [True, True, True]  # every epoch began in training mode
+    assert calls == [True, True]  # at the first epoch, and at the second (the body had been left in eval)

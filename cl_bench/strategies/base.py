@@ -251,6 +251,10 @@ class Strategy:
         return self.predict(x, task_id)
 
     def set_training(self, training: bool) -> None:
+        """Put `self.model`'s modules in training or evaluation mode (an override may keep
+        some in eval, e.g. frozen batch norm). Set module flags only: the runner calls
+        `set_training(True)` at the start of each task's training and again at an epoch's start
+        only when some module's flag differs from what the last call left."""
         self.model.train(training)
 
     def summary(self) -> dict:
