@@ -127,6 +127,7 @@ def runner_loop(cfg, folder: Path, clock=time.process_time) -> Timed:
         runner._sync()
         eval_s += clock() - t1
         train_s += t1 - t0
+        runner._save_artifacts(task)  # untimed, as in a run (a generator's samples draw from the RNG)
     return Timed(train_s, eval_s, float(acc.mean()), steps, runner.stream.scenario)
 
 
