@@ -604,9 +604,9 @@ class Runner:
         clock, shown = time.perf_counter, 0.0
         modes = None  # every module's training flag right after the last set_training(True)
         for epoch in range(first_epoch, cfg.epochs):
-            # Training mode again only where a flag changed since (a validation pass, a strategy's
-            # own eval phase): set_training walks every module, about 60 us for the MLP, while
-            # reading the flags costs a few; the flags it sets are then already there.
+            # Training mode again only where a flag changed since (a strategy's step that left a
+            # module in eval; validation restores the mode itself): set_training walks every module,
+            # about 60 us for the MLP, while reading the flags costs a few.
             if modes is None or modes != [m.training for m in strategy.model.modules()]:
                 strategy.set_training(True)
                 modes = [m.training for m in strategy.model.modules()]

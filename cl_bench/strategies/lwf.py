@@ -185,9 +185,7 @@ class LwF(Strategy):
     def _distillation(self, logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
         terms = [kd_loss(logits[:, student], old_logits[:, teacher], self.temperature)
                  for student, teacher in self.groups]  # class-IL, padded: the teacher covers the old classes only
-        total = terms[0]
-        for term in terms[1:]:
-            total = total + term
+        total = sum(terms[1:], terms[0])  # terms[0] + terms[1] + ..., in order
         return total / len(terms) if self.weighting == "task_ratio" else total
 
     def train_step(self, batch: Batch) -> dict:
