@@ -182,10 +182,12 @@ def evaluate(
         columns = output_columns(task.outputs, device)  # a slice for consecutive outputs: no gather
         task_id = task.id if aware_only else None
         data = task.val if split == "val" else task.test
+        on_device = data.x.device == device  # else host-resident (pinned) data, copied per batch
         for start in range(0, len(data), batch_size):
-            # .to() is a no-op for data on the device; host-resident (pinned) data is copied per batch
-            x = stream.transform(data.x[start : start + batch_size].to(device, non_blocking=True))
-            y = data.y[start : start + batch_size].to(device, non_blocking=True)
+            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+            if not on_device:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = stream.transform(x)
             scores = strategy.predict(x, task_id)
             if strategy.inactive is not None:  # class-IL with train.active_classes
                 scores = scores.masked_fill(strategy.inactive, float("-inf"))
@@ -603,18 +605,23 @@ class Runner:
         logged_lr = None
         clock, shown = time.perf_counter, 0.0
         modes = None  # every module's training flag right after the last set_training(True)
+        model, modules = None, []  # the model's modules, listed once per task (or when the model is replaced)
         for epoch in range(first_epoch, cfg.epochs):
             # Training mode again only where a flag changed since (a strategy's step that left a
             # module in eval; validation restores the mode itself): set_training walks every module,
-            # about 60 us for the MLP, while reading the flags costs a few.
-            if modes is None or modes != [m.training for m in strategy.model.modules()]:
+            # about 60 us for the MLP, while reading the flags of the listed modules costs one.
+            if strategy.model is not model:
+                model, modules, modes = strategy.model, list(strategy.model.modules()), None
+            if modes is None or modes != [m.training for m in modules]:
                 strategy.set_training(True)
-                modes = [m.training for m in strategy.model.modules()]
+                modes = [m.training for m in modules]
             if order is None:  # a fresh epoch: the same draw as data.stream.iterate_batches
                 order = torch.randperm(n, generator=self.data_generator)
                 first_batch, epoch_loss = 0, torch.zeros((), device=self.device)
             self._pending_log = (task, epoch, steps, step_losses)
             order_on_device = order.to(self.device)
+            # data on the device is indexed in place; host-resident (pinned) data is copied per batch
+            on_device = data.x.device == order_on_device.device
             pending = 0  # steps not yet shown on the progress bar (it is refreshed at most 20 times a second)
             for b in range(first_batch, steps_per_epoch):
                 if scheduled or logged_lr is None:
@@ -623,10 +630,9 @@ class Runner:
                         self._log({"train/lr": lr}, self._step_offset + steps + 1)
                     logged_lr = lr
                 idx = order_on_device[b * batch_size : (b + 1) * batch_size]
-                raw, y = data.batch(idx, self.device)  # plain indexing when the data is on the device
+                raw, y = (data.x[idx], data.y[idx]) if on_device else data.batch(idx, self.device)
                 batch = Batch(stream.transform(raw, train=True, generator=self.data_generator), y, raw, task)
-                out = strategy.train_step(batch)
-                loss = out["loss"]
+                loss = strategy.train_step(batch)["loss"]
                 epoch_loss += loss
                 if step_losses is not None:
                     step_losses.append(loss)  # no device op per step: stacked at the flush
