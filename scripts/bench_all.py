@@ -4,9 +4,10 @@ The README's performance table is this script's output. Protocol (issue 17's): S
 Digits, class-IL, the default MLP 64-256-256-10, SGD lr 0.05, batch 32, 10 epochs per
 task (400 steps), each strategy with its shipped defaults, in class-IL where it supports it
 (else task-IL: the parameter-isolation methods; the bare loop stays class-IL fine-tuning). In one process, on the same
-stream: per repetition the bare loop (plain SGD fine-tuning written as a PyTorch script,
-`bench_data_path.bare_loop`) and then every strategy once, in turn; medians over the
-repetitions. Time is the runner's own per-task train and evaluate calls (the work of
+stream: per repetition every strategy once, in turn, each timed right after a bare loop (plain
+SGD fine-tuning written as a PyTorch script, `bench_data_path.bare_loop`) and a finetune run of
+its own; the ratios are each strategy's to those two neighbours, medians over the repetitions
+(the bare loop's time: the median of all its runs). Time is the runner's own per-task train and evaluate calls (the work of
 metrics.json's train + eval time), without start-up, data loading, the random-init
 evaluation or result writing; in process CPU time by default (`--clock cpu`: with one torch
 thread it is the work done, and on a shared virtual machine wall time moved by 2x between
@@ -63,16 +64,26 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bare_loop = lambda: sum(bench_data_path.bare_loop(base, stream, device, clock))  # noqa: E731
     bare_loop()  # warm-up
+    # Each strategy's run is timed right after a bare loop and a finetune run of its own, and its
+    # ratios are taken to those two: this virtual machine's speed drifts over the minutes a whole
+    # repetition takes (the generative methods), so a ratio to a distant reference would carry it.
     bare, ours, facts = [], {n: [] for n in names}, {}
+    to_bare, to_finetune = {n: [] for n in names}, {n: [] for n in names}
+    reference = configs.get("finetune", base)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            bare.append(bare_loop())
             for n in names:
+                b = bare_loop()
+                f = None if n == "finetune" else bench_data_path.runner_loop(reference, Path(tmp) / f"ref-{n}-{r}", clock)
                 timed = bench_data_path.runner_loop(configs[n], Path(tmp) / f"{n}-{r}", clock)
-                ours[n].append(timed.train_s + timed.eval_s)
+                t = timed.train_s + timed.eval_s
+                f = t if f is None else f.train_s + f.eval_s
+                bare.append(b)
+                ours[n].append(t)
+                to_bare[n].append(t / b)
+                to_finetune[n].append(t / f)
                 facts[n] = (timed.steps, timed.acc, timed.scenario)
     b = statistics.median(bare)
-    finetune = statistics.median(ours["finetune"]) if "finetune" in ours else None
     print(f"Split Digits / MLP {'-'.join(map(str, [64, *base.backbone.hidden_sizes, 10]))} / class-IL / SGD lr "
           f"{base.train.lr} / batch {base.train.batch_size} / {base.train.epochs} epochs per task; {device}, "
           f"{torch.get_num_threads()} thread(s); {args.clock} clock, median of {args.repeats}")
@@ -81,8 +92,8 @@ def main() -> None:
     print(f"| bare PyTorch loop | class_il | {facts.get('finetune', ('',))[0]} | {b:.3f} | 1.00 | – | – |")
     for n in names:
         t = statistics.median(ours[n])
-        rel = f"{t / finetune:.2f}" if finetune else "–"
-        print(f"| {n} | {facts[n][2]} | {facts[n][0]} | {t:.3f} | {t / b:.2f} | {rel} | {facts[n][1]:.4f} |")
+        print(f"| {n} | {facts[n][2]} | {facts[n][0]} | {t:.3f} | {statistics.median(to_bare[n]):.2f} | "
+              f"{statistics.median(to_finetune[n]):.2f} | {facts[n][1]:.4f} |")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,35 @@ def test_each_epoch_starts_in_training_mode_even_when_a_step_left_eval_mode(tmp_
     runner._train_task(runner.stream.tasks[0], None)
     assert first_steps == [True, True, True]  # every epoch began in training mode
     assert calls == [True, True]  # at the first epoch, and at the second (the body had been left in eval)
+
+
+def test_a_model_replaced_during_a_task_is_put_in_training_mode_at_the_next_epoch(tmp_path):
+    """The runner lists the model's modules once per task to read their training flags; when
+    a strategy replaces `strategy.model` mid-task (here with an eval-mode copy), the new
+    model's modules are listed and put in training mode at the next epoch's start."""
+    import copy
+
+    cfg = compose_cfg("experiment=smoke", "train.epochs=2", "backbone=reduced_resnet18", "checkpoint=false")
+    runner = Runner(cfg, tmp_path / "r")
+    runner.prepare()
+    strategy = runner.strategy
+    train_step = strategy.train_step
+    steps_per_epoch = -(-len(strategy.training_data(runner.stream.tasks[0])) // cfg.train.batch_size)
+    second_epoch_modes = []
+
+    def step(batch):
+        if step.count == steps_per_epoch:  # the second epoch's first step
+            second_epoch_modes.extend(m.training for m in strategy.model.modules())
+        step.count += 1
+        out = train_step(batch)
+        if step.count == steps_per_epoch:  # the first epoch's last step swaps in an eval-mode copy
+            replacement = copy.deepcopy(strategy.model).eval()
+            strategy.model = replacement
+            strategy.optimizer = strategy.make_optimizer(replacement.parameters())
+        return out
+
+    step.count = 0
+    strategy.train_step = step
+    runner._step_offset = 0
+    runner._train_task(runner.stream.tasks[0], None)
+    assert second_epoch_modes and all(second_epoch_modes)
