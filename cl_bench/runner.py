@@ -182,12 +182,10 @@ def evaluate(
         columns = output_columns(task.outputs, device)  # a slice for consecutive outputs: no gather
         task_id = task.id if aware_only else None
         data = task.val if split == "val" else task.test
-        on_device = data.x.device == device  # else host-resident (pinned) data, copied per batch
         for start in range(0, len(data), batch_size):
-            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-            if not on_device:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = stream.transform(x)
+            # .to() is a no-op for data on the device; host-resident (pinned) data is copied per batch
+            x = stream.transform(data.x[start : start + batch_size].to(device, non_blocking=True))
+            y = data.y[start : start + batch_size].to(device, non_blocking=True)
             scores = strategy.predict(x, task_id)
             if strategy.inactive is not None:  # class-IL with train.active_classes
                 scores = scores.masked_fill(strategy.inactive, float("-inf"))
@@ -620,8 +618,6 @@ class Runner:
                 first_batch, epoch_loss = 0, torch.zeros((), device=self.device)
             self._pending_log = (task, epoch, steps, step_losses)
             order_on_device = order.to(self.device)
-            # data on the device is indexed in place; host-resident (pinned) data is copied per batch
-            on_device = data.x.device == order_on_device.device
             pending = 0  # steps not yet shown on the progress bar (it is refreshed at most 20 times a second)
             for b in range(first_batch, steps_per_epoch):
                 if scheduled or logged_lr is None:
@@ -630,7 +626,7 @@ class Runner:
                         self._log({"train/lr": lr}, self._step_offset + steps + 1)
                     logged_lr = lr
                 idx = order_on_device[b * batch_size : (b + 1) * batch_size]
-                raw, y = (data.x[idx], data.y[idx]) if on_device else data.batch(idx, self.device)
+                raw, y = data.batch(idx, self.device)  # plain indexing when the data is on the device
                 batch = Batch(stream.transform(raw, train=True, generator=self.data_generator), y, raw, task)
                 loss = strategy.train_step(batch)["loss"]
                 epoch_loss += loss
