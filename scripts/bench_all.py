@@ -70,14 +70,16 @@ def main() -> None:
     bare, ours, facts = [], {n: [] for n in names}, {}
     to_bare, to_finetune = {n: [] for n in names}, {n: [] for n in names}
     reference = configs.get("finetune", base)
+    seconds = lambda timed: timed.train_s + timed.eval_s  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for n in names:
                 b = bare_loop()
-                f = None if n == "finetune" else bench_data_path.runner_loop(reference, Path(tmp) / f"ref-{n}-{r}", clock)
+                f = None if n == "finetune" else seconds(bench_data_path.runner_loop(reference, Path(tmp) / f"ref-{n}-{r}", clock))
                 timed = bench_data_path.runner_loop(configs[n], Path(tmp) / f"{n}-{r}", clock)
-                t = timed.train_s + timed.eval_s
-                f = t if f is None else f.train_s + f.eval_s
+                t = seconds(timed)
+                if f is None:  # finetune is its own reference
+                    f = t
                 bare.append(b)
                 ours[n].append(t)
                 to_bare[n].append(t / b)
